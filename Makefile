@@ -1,0 +1,42 @@
+# Set-up and checks. `make run` and `make test` are the two commands the README promises.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+
+.PHONY: install dev run test lint typecheck fixtures experiment bench clean
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.installed-dev
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+run: install
+	$(BIN)/wwcli analyze fixtures/keras/seed_mlp.keras --exit-zero
+
+lint: dev
+	$(BIN)/ruff check wwcli tests fixtures benchmarks examples
+	$(BIN)/ruff format --check wwcli tests fixtures benchmarks examples
+
+typecheck: dev
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q
+
+fixtures: dev
+	$(BIN)/python fixtures/make_fixtures.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

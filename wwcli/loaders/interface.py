@@ -1,0 +1,104 @@
+"""The contract every checkpoint reader implements: its layers, and their matrices on demand."""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+
+class LoaderError(Exception):
+    """A checkpoint cannot be read: missing, malformed, unsupported or unsafe.
+
+    The message is for people: it names the file and says what is wrong, in one line.
+    """
+
+
+class LayerType(enum.StrEnum):
+    """What a layer is, in the words `describe` and the reports use."""
+
+    DENSE = "dense"
+    CONV1D = "conv1d"
+    CONV2D = "conv2d"
+    EMBEDDING = "embedding"
+    NORM = "norm"
+    """LayerNorm, BatchNorm, RMSNorm and friends: listed, never analyzed."""
+    OTHER = "other"
+    """Everything else: input, flatten, dropout, pooling, activations, 1-D or unknown tensors."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer of a checkpoint as weightwatcher 0.7.7 would number it; no weights are read."""
+
+    layer_id: int
+    """weightwatcher's id for this layer (REFERENCE.md "Layer ids")."""
+    name: str
+    """Full name in the file: Keras layer path, or tensor key without its `.weight` suffix."""
+    layer_type: LayerType
+    """Kind of layer; decides how its weight tensor becomes matrices."""
+    shape: tuple[int, ...]
+    """Shape of the weight tensor as stored; () when the layer has no weights."""
+    dtype: str = ""
+    """Stored dtype of the weight tensor ("float32", "bfloat16", ...); "" when there is none."""
+    N: int = 0
+    """Larger side of each matrix (0 when the layer is not a matrix)."""
+    M: int = 0
+    """Smaller side of each matrix (0 when the layer is not a matrix)."""
+    rf: int = 1
+    """Number of matrices the tensor splits into (kernel positions of a conv; 1 for dense)."""
+    skip_reason: str | None = None
+    """Why this layer cannot be analyzed whatever the options ("no weights", "normalization layer",
+    "unsupported dtype F8_E5M2", ...); None when its weights can be analyzed."""
+
+    @property
+    def num_evals(self) -> int:
+        """Number of eigenvalues of the pooled spectrum: M per matrix, rf matrices."""
+        return self.M * self.rf
+
+    @property
+    def analyzable(self) -> bool:
+        """True when the loader can hand this layer's matrices to the engine."""
+        return self.skip_reason is None
+
+
+class Checkpoint(abc.ABC):
+    """An opened checkpoint. Layers are listed without reading weights; matrices are read one
+    layer at a time, so memory follows the largest matrix, not the model."""
+
+    path: Path
+    """The file or folder that was opened."""
+    format: str
+    """Short format name: "keras", "h5", "keras-weights", "torch", "safetensors", ..."""
+    ids_note: str | None = None
+    """Set when the ids are not weightwatcher's ids for the model (e.g. a weights-only file)."""
+
+    @abc.abstractmethod
+    def layers(self) -> list[LayerSpec]:
+        """Every layer, in id order, analyzable or not."""
+
+    @abc.abstractmethod
+    def matrices(self, layer: LayerSpec) -> list[np.ndarray]:
+        """The layer's weights as 2-D arrays, read now: one matrix for dense/embedding layers, rf
+        matrices (one per kernel position, weightwatcher's slice order) for convolutions.
+
+        Raises LoaderError when the tensor cannot be read or the layer is not analyzable.
+        """
+
+    def close(self) -> None:  # noqa: B027 - formats without open handles need nothing here
+        """Release open files; safe to call twice."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
