@@ -76,6 +76,9 @@ class Checkpoint(abc.ABC):
     """Short format name: "keras", "h5", "keras-weights", "torch", "safetensors", ..."""
     ids_note: str | None = None
     """Set when the ids are not weightwatcher's ids for the model (e.g. a weights-only file)."""
+    source_note: str | None = None
+    """Set when the weights came from part of the file (e.g. the `state_dict` of a Lightning
+    checkpoint): says which part, for people."""
 
     @abc.abstractmethod
     def layers(self) -> list[LayerSpec]:

@@ -1,0 +1,206 @@
+"""Numbering and slicing shared by the readers of files without an architecture (state dicts):
+safetensors files and folders, PyTorch `.pt`/`.bin` state dicts.
+
+weightwatcher 0.7.7 numbers such a file by its tensors whose names end in `.weight`, in the
+order it reads them, from 0 for a model folder; every such tensor consumes an id, also a 1-D
+norm scale it will never analyze. Its type comes from the tensor's rank alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError
+
+WEIGHT_SUFFIX = ".weight"
+
+# The last name component of a 1-D scale that belongs to a normalization layer: LayerNorm
+# (`ln_1`, `ln_f`, `layernorm`), BatchNorm (`bn1`), RMSNorm (`norm`, `input_layernorm`).
+_NORM_NAME = re.compile(r"(norm|^ln(_|\d|$)|^bn(_|\d|$))", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a state dict as its file describes it; its values are not read."""
+
+    key: str
+    """Full key in the file, e.g. `model.layers.0.self_attn.q_proj.weight`."""
+    shape: tuple[int, ...]
+    """Shape as stored."""
+    dtype: str
+    """Stored dtype in torch's words: "float32", "bfloat16", "float8_e4m3fn", "int8", ..."""
+    unreadable: str | None = None
+    """Why the values cannot become a float matrix (e.g. "unsupported dtype F8_E4M3 (install
+    ml_dtypes)", "integer tensor (int8), not analyzed"); None when they can."""
+
+
+def numbered_keys(keys: Sequence[str]) -> tuple[list[str], str | None]:
+    """The keys that get layer ids, in id order, and a note when they are not weightwatcher's.
+
+    weightwatcher numbers the keys ending in `.weight`. A file with no such key (Keras or JAX
+    exports: `dense/kernel:0`, `params.Dense_0.kernel`) gets nothing analyzed by weightwatcher;
+    wwcli then numbers every tensor in the same order so that the file is still usable.
+    """
+    weight_keys = [key for key in keys if key.endswith(WEIGHT_SUFFIX)]
+    if weight_keys or not keys:
+        return weight_keys, None
+    return list(keys), (
+        "no tensor name ends in '.weight', so every tensor is numbered in file order; "
+        "weightwatcher 0.7.7 analyzes none of them"
+    )
+
+
+def layer_name(key: str) -> str:
+    """The layer name of a tensor key: the key without its `.weight` suffix."""
+    return key[: -len(WEIGHT_SUFFIX)] if key.endswith(WEIGHT_SUFFIX) else key
+
+
+def spec_for_tensor(layer_id: int, entry: TensorEntry) -> LayerSpec:
+    """The LayerSpec weightwatcher's state-dict reader would give this tensor.
+
+    Rank decides the type, as in weightwatcher: 2-D dense, 4-D conv2d (torch layout
+    out, in, kh, kw). weightwatcher leaves 3-D tensors unanalyzed; wwcli reads them as conv1d
+    (out, in, k). A tensor whose first dimension is below 2 is never analyzed by
+    weightwatcher (its rank test is `len(weights) < 2`), and neither is it here.
+    """
+    name = layer_name(entry.key)
+    shape = entry.shape
+    rank = len(shape)
+    if rank == 0:
+        return _unanalyzed(layer_id, entry, LayerType.OTHER, entry.unreadable or "scalar")
+    if rank == 1:
+        if _NORM_NAME.search(name.rsplit(".", 1)[-1]):
+            return _unanalyzed(layer_id, entry, LayerType.NORM, "normalization layer (1-D scale)")
+        return _unanalyzed(layer_id, entry, LayerType.OTHER, "1-D tensor")
+    if rank > 4:
+        return _unanalyzed(layer_id, entry, LayerType.OTHER, f"{rank}-D tensor, not analyzed")
+    layer_type = {2: LayerType.DENSE, 3: LayerType.CONV1D, 4: LayerType.CONV2D}[rank]
+    out_features, in_features = shape[0], shape[1]
+    N, M = max(out_features, in_features), min(out_features, in_features)
+    rf = math.prod(shape[2:])
+    skip_reason = entry.unreadable
+    if 0 in shape:
+        skip_reason = "empty tensor"
+    elif out_features < 2:
+        skip_reason = "first dimension below 2 (weightwatcher does not analyze it)"
+    return LayerSpec(
+        layer_id=layer_id,
+        name=name,
+        layer_type=layer_type,
+        shape=shape,
+        dtype=entry.dtype,
+        N=N,
+        M=M,
+        rf=rf,
+        skip_reason=skip_reason,
+    )
+
+
+def _unanalyzed(layer_id: int, entry: TensorEntry, layer_type: LayerType, reason: str) -> LayerSpec:
+    """A layer that is listed with its id but has no matrices."""
+    return LayerSpec(
+        layer_id=layer_id,
+        name=layer_name(entry.key),
+        layer_type=layer_type,
+        shape=entry.shape,
+        dtype=entry.dtype,
+        skip_reason=reason,
+    )
+
+
+def matrices_of_tensor(tensor: np.ndarray, layer: LayerSpec) -> list[np.ndarray]:
+    """Split a weight tensor into the layer's 2-D matrices, in weightwatcher's slice order.
+
+    Dense and embedding: the matrix itself. conv2d (out, in, kh, kw): the kh*kw slices
+    W[:, :, i, j], i outer, j inner, as weightwatcher's `conv2D_Wmats` walks them (it
+    transposes each slice to N x M, which leaves the spectrum unchanged). conv1d (out, in, k):
+    the k slices W[:, :, i].
+    """
+    if tensor.shape != layer.shape:
+        raise LoaderError(f"{layer.name}: tensor has shape {tensor.shape}, expected {layer.shape}")
+    if tensor.ndim == 2:
+        return [tensor]
+    if tensor.ndim == 3:
+        return [np.ascontiguousarray(tensor[:, :, i]) for i in range(tensor.shape[2])]
+    if tensor.ndim == 4:
+        return [
+            np.ascontiguousarray(tensor[:, :, i, j])
+            for i in range(tensor.shape[2])
+            for j in range(tensor.shape[3])
+        ]
+    raise LoaderError(f"{layer.name}: a {tensor.ndim}-D tensor has no matrices")
+
+
+TensorReader = Callable[[str], np.ndarray]
+"""Reads one tensor by key, now, as a float array of its stored shape."""
+
+
+@dataclass(frozen=True)
+class NumberedTensor:
+    """Where the tensor behind a layer id lives."""
+
+    spec: LayerSpec
+    """The layer as listed."""
+    key: str
+    """The tensor's key in its file."""
+    read: TensorReader
+    """Reads the tensor of that key from its file."""
+
+
+class StateDictCheckpoint(Checkpoint):
+    """A checkpoint whose layers are the `.weight` tensors of one or more state-dict files."""
+
+    def __init__(
+        self,
+        path: Path,
+        file_format: str,
+        tensors: Sequence[tuple[TensorEntry, TensorReader]],
+        *,
+        ids_note: str | None = None,
+        source_note: str | None = None,
+        close: Callable[[], None] | None = None,
+    ) -> None:
+        """Number `tensors` (all of them, in weightwatcher's reading order) from 0."""
+        self.path = path
+        self.format = file_format
+        keys = [entry.key for entry, _ in tensors]
+        chosen, keys_note = numbered_keys(keys)
+        chosen_set = set(chosen)
+        self.ids_note = "; ".join(note for note in (ids_note, keys_note) if note) or None
+        self.source_note = source_note
+        """What part of the file(s) the layers come from, for people; None when all of it."""
+        self._numbered: list[NumberedTensor] = []
+        for entry, read in tensors:
+            if entry.key in chosen_set:
+                spec = spec_for_tensor(len(self._numbered), entry)
+                self._numbered.append(NumberedTensor(spec=spec, key=entry.key, read=read))
+        self._close = close
+
+    def layers(self) -> list[LayerSpec]:
+        return [numbered.spec for numbered in self._numbered]
+
+    def matrices(self, layer: LayerSpec) -> list[np.ndarray]:
+        if not 0 <= layer.layer_id < len(self._numbered):
+            raise LoaderError(f"{self.path}: no layer with id {layer.layer_id}")
+        numbered = self._numbered[layer.layer_id]
+        if numbered.spec.name != layer.name:
+            raise LoaderError(
+                f"{self.path}: layer {layer.layer_id} is {numbered.spec.name!r}, not {layer.name!r}"
+            )
+        if numbered.spec.skip_reason is not None:
+            raise LoaderError(
+                f"{self.path}: layer {layer.layer_id} ({layer.name}) is not analyzable: "
+                f"{numbered.spec.skip_reason}"
+            )
+        return matrices_of_tensor(numbered.read(numbered.key), numbered.spec)
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+            self._close = None

@@ -1,0 +1,90 @@
+"""Chooses the reader for a path: by content first (zip, HDF5, safetensors header, pickle),
+by suffix second. Readers are imported only when a file of their format is opened."""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from pathlib import Path
+
+from wwcli.loaders.interface import Checkpoint, LoaderError
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+ZIP_SIGNATURE = b"PK\x03\x04"
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+
+
+def sniff_format(path: Path) -> str:
+    """ "keras", "torch" or "safetensors" for a file, from its first bytes, then its suffix.
+
+    Raises LoaderError when the file cannot be read or looks like none of them.
+    """
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(16)
+    except OSError as error:
+        raise LoaderError(f"{path}: cannot read: {error.strerror or error}") from error
+    if not head:
+        raise LoaderError(f"{path}: empty file")
+    suffix = path.suffix.lower()
+    if head.startswith(HDF5_SIGNATURE):
+        return "keras"
+    if head.startswith(ZIP_SIGNATURE):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as error:
+            raise LoaderError(f"{path}: damaged zip archive: {error}") from error
+        if "config.json" in names or "model.weights.h5" in names or suffix == ".keras":
+            return "keras"
+        if any(name.endswith("data.pkl") for name in names) or suffix in TORCH_SUFFIXES:
+            return "torch"
+        raise LoaderError(
+            f"{path}: a zip archive that is neither a Keras model nor a PyTorch checkpoint"
+        )
+    if len(head) >= 9 and head[8:9] == b"{":
+        (header_length,) = struct.unpack("<Q", head[:8])
+        if header_length > 1:
+            return "safetensors"
+    if head[:1] == b"\x80" and suffix in TORCH_SUFFIXES:
+        return "torch"
+    if suffix in SAFETENSORS_SUFFIXES:
+        return "safetensors"
+    if suffix in KERAS_SUFFIXES:
+        return "keras"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    raise LoaderError(
+        f"{path}: unrecognized file format (supported: .keras, .h5, .weights.h5, "
+        ".pt, .pth, .bin, .ckpt, .safetensors, and model folders)"
+    )
+
+
+def open_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint file or model folder with the reader its content calls for.
+
+    `trust_pickle` lets the PyTorch reader unpickle arbitrary Python objects (which can run
+    code); without it only plain tensors and containers are ever loaded.
+    """
+    if not path.exists():
+        raise LoaderError(f"{path}: no such file or directory")
+    if path.is_dir():
+        from wwcli.loaders.folder import open_folder
+
+        return open_folder(path, trust_pickle=trust_pickle)
+    if not path.is_file():
+        raise LoaderError(f"{path}: not a regular file")
+    file_format = sniff_format(path)
+    if file_format == "keras":
+        from wwcli.loaders.keras import open_keras
+
+        return open_keras(path)
+    if file_format == "torch":
+        from wwcli.loaders.torch import open_torch
+
+        return open_torch(path, trust_pickle=trust_pickle)
+    from wwcli.loaders.safetensors import open_safetensors
+
+    return open_safetensors(path)
