@@ -1,0 +1,81 @@
+"""The engine's options: size filter, fit threshold, verdict thresholds and numerical backend."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Backend = Literal["numpy", "torch"]
+Precision = Literal["float64", "float32"]
+
+_DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    # bool is an int subclass; True as a count is always a caller's mistake.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine filters, fits and labels a layer; the defaults are weightwatcher 0.7.7's."""
+
+    min_evals: int = 8
+    """Layers with fewer eigenvalues (M * rf) are skipped; 0 disables the lower bound."""
+    max_evals: int | None = 15000
+    """Layers with more eigenvalues (M * rf) are skipped; None means no upper bound."""
+    max_N: int | None = 50000
+    """Layers whose larger side N exceeds this are skipped; None means no limit."""
+    eigenvalue_threshold: float = 1e-5
+    """The power-law fit uses only eigenvalues strictly greater than this."""
+    over_trained_below: float = 2.0
+    """alpha below this is over-trained."""
+    under_trained_above: float = 6.0
+    """alpha above this is under-trained."""
+    backend: Backend = "numpy"
+    """Linear-algebra backend for the eigenvalues: "numpy" (default) or "torch" (if installed)."""
+    device: str = "cpu"
+    """Where the torch backend runs: "cpu", "cuda" or "cuda:<index>" (numpy: "cpu" only)."""
+    precision: Precision = "float64"
+    """Floating type of the Gram matrix and eigensolver: "float64" (default) or "float32"."""
+
+    def __post_init__(self) -> None:
+        _check_int("min_evals", self.min_evals, minimum=0)
+        if self.max_evals is not None:
+            _check_int("max_evals", self.max_evals, minimum=1)
+            if self.max_evals < self.min_evals:
+                raise ValueError(
+                    f"max_evals ({self.max_evals}) must be >= min_evals ({self.min_evals})"
+                )
+        if self.max_N is not None:
+            _check_int("max_N", self.max_N, minimum=1)
+        threshold = _check_real("eigenvalue_threshold", self.eigenvalue_threshold)
+        if threshold < 0:
+            raise ValueError(f"eigenvalue_threshold must be >= 0, got {threshold}")
+        over = _check_real("over_trained_below", self.over_trained_below)
+        under = _check_real("under_trained_above", self.under_trained_above)
+        if over > under:
+            raise ValueError(
+                f"over_trained_below ({over}) must be <= under_trained_above ({under})"
+            )
+        if self.backend not in ("numpy", "torch"):
+            raise ValueError(f"backend must be 'numpy' or 'torch', got {self.backend!r}")
+        if not isinstance(self.device, str) or not _DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}")
+        if self.backend == "numpy" and self.device != "cpu":
+            raise ValueError(f"device {self.device!r} needs backend='torch'; numpy runs on 'cpu'")
+        if self.precision not in ("float64", "float32"):
+            raise ValueError(f"precision must be 'float64' or 'float32', got {self.precision!r}")
