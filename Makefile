@@ -26,8 +26,8 @@ run: install
 	$(BIN)/wwcli analyze fixtures/keras/seed_mlp.keras --exit-zero
 
 lint: dev
-	$(BIN)/ruff check wwcli tests fixtures benchmarks examples
-	$(BIN)/ruff format --check wwcli tests fixtures benchmarks examples
+	$(BIN)/ruff check wwcli tests fixtures benchmarks examples docs
+	$(BIN)/ruff format --check wwcli tests fixtures benchmarks examples docs
 
 typecheck: dev
 	$(BIN)/mypy

@@ -1,0 +1,96 @@
+"""JSON output: one object per run, with the DESIGN.md keys; NaN is null."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from wwcli import __version__
+from wwcli.analysis import CheckpointReport, Summary, summarize
+from wwcli.report.rows import Row, analyze_rows, finite_or_none
+
+
+def summary_object(summary: Summary) -> dict[str, Any]:
+    """The "summary" member of a checkpoint object."""
+    return {
+        "layers_analyzed": summary.layers_analyzed,
+        "layers_skipped": summary.layers_skipped,
+        "fits_failed": summary.fits_failed,
+        "over_trained": list(summary.over_trained),
+        "under_trained": list(summary.under_trained),
+        **{name: finite_or_none(value) for name, value in summary.means.items()},
+    }
+
+
+def checkpoint_object(report: CheckpointReport, options: dict[str, Any]) -> dict[str, Any]:
+    """One checkpoint's analysis as DESIGN.md's JSON object."""
+    return {
+        "wwcli_version": __version__,
+        "checkpoint": report.checkpoint,
+        "format": report.format,
+        "ids_note": report.ids_note,
+        "source_note": report.source_note,
+        "options": options,
+        "layers": analyze_rows(report),
+        "skipped": [
+            {
+                "layer_id": skipped.layer_id,
+                "name": skipped.name,
+                "layer_type": skipped.layer_type,
+                "reason": skipped.reason,
+            }
+            for skipped in report.skipped
+        ],
+        "summary": summary_object(summarize(report)),
+    }
+
+
+def analyze_document(reports: Sequence[CheckpointReport], options: dict[str, Any]) -> Any:
+    """The whole JSON document: the checkpoint object itself for one checkpoint; for several,
+    {"wwcli_version", "options", "checkpoints": [checkpoint objects]}."""
+    objects = [checkpoint_object(report, options) for report in reports]
+    if len(objects) == 1:
+        return objects[0]
+    return {"wwcli_version": __version__, "options": options, "checkpoints": objects}
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What describe found in one checkpoint."""
+
+    checkpoint: str
+    """The path as the user gave it."""
+    format: str
+    """The format the loader read it as."""
+    ids_note: str | None
+    """Set when the ids are not weightwatcher's ids for the model."""
+    source_note: str | None
+    """Set when the weights came from part of the file."""
+    rows: list[Row]
+    """One describe row per listed layer."""
+
+
+def describe_document(listings: Sequence[Listing]) -> Any:
+    """describe's JSON: per checkpoint {"wwcli_version", "checkpoint", "format", "ids_note",
+    "source_note", "layers"}; several are wrapped in {"wwcli_version", "checkpoints": [...]}."""
+    objects = [
+        {
+            "wwcli_version": __version__,
+            "checkpoint": listing.checkpoint,
+            "format": listing.format,
+            "ids_note": listing.ids_note,
+            "source_note": listing.source_note,
+            "layers": listing.rows,
+        }
+        for listing in listings
+    ]
+    if len(objects) == 1:
+        return objects[0]
+    return {"wwcli_version": __version__, "checkpoints": objects}
+
+
+def render_json(document: Any) -> str:
+    """The document as indented JSON text ending in a newline; refuses NaN (it must be null)."""
+    return json.dumps(document, indent=2, allow_nan=False) + "\n"

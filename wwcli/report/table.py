@@ -1,0 +1,223 @@
+"""Tables for people (rich): analyze results with over-trained rows highlighted, and describe
+listings. Formatters return text; the CLI decides where it goes."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from wwcli.analysis import CheckpointReport, LayerResult, SkippedLayer, Summary, summarize
+from wwcli.engine.results import Verdict
+from wwcli.report.rows import Row, shape_text
+
+VERDICT_STYLES: dict[Verdict, str] = {
+    Verdict.OVER_TRAINED: "bold red",
+    Verdict.UNDER_TRAINED: "yellow",
+    Verdict.TYPICAL: "",
+    Verdict.FAILED: "dim",
+}
+"""Row style per verdict."""
+
+VERDICT_WORDS: dict[Verdict, str] = {
+    Verdict.OVER_TRAINED: "possibly over-trained",
+    Verdict.UNDER_TRAINED: "possibly under-trained",
+    Verdict.TYPICAL: "typical",
+    Verdict.FAILED: "fit failed",
+}
+"""How the table words a verdict: a heuristic, so the words stay modest."""
+
+
+def _number(value: float, digits: int = 3) -> str:
+    if not math.isfinite(value):
+        return "-"
+    magnitude = abs(value)
+    if magnitude != 0 and (magnitude >= 1e5 or magnitude < 10 ** -(digits - 1)):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    cell: Callable[[LayerResult], str]
+    priority: int
+    """Lower numbers are kept first on a narrow terminal."""
+    numeric: bool = True
+
+
+def _verdict_cell(result: LayerResult) -> str:
+    words = VERDICT_WORDS[result.metrics.verdict]
+    message = result.metrics.fit.message
+    return f"{words}: {message}" if message else words
+
+
+_ANALYZE_COLUMNS: tuple[_Column, ...] = (
+    _Column("id", lambda r: str(r.spec.layer_id), 0),
+    _Column("name", lambda r: r.spec.name, 0, numeric=False),
+    _Column("type", lambda r: r.spec.layer_type.value, 3, numeric=False),
+    _Column("shape", lambda r: shape_text(r.spec.shape), 5, numeric=False),
+    _Column("evals", lambda r: str(r.metrics.num_evals), 4),
+    _Column("alpha", lambda r: _number(r.metrics.alpha), 0),
+    _Column("D", lambda r: _number(r.metrics.fit.D), 2),
+    _Column("xmin", lambda r: _number(r.metrics.fit.xmin), 6),
+    _Column("lambda_max", lambda r: _number(r.metrics.lambda_max), 2),
+    _Column(
+        "spikes",
+        lambda r: str(r.metrics.fit.num_pl_spikes) if r.metrics.fit.num_pl_spikes >= 0 else "-",
+        6,
+    ),
+    _Column("log_norm", lambda r: _number(r.metrics.log_norm), 7),
+    _Column("stable_rank", lambda r: _number(r.metrics.stable_rank), 7),
+    _Column("verdict", _verdict_cell, 1, numeric=False),
+)
+
+
+_CELL_PADDING = 3
+"""Characters a column takes beyond its text in a SIMPLE_HEAD table (padding and separator)."""
+_FOLDED_NAME_WIDTH = 16
+"""Narrowest the name column gets before low-priority columns are dropped: names fold."""
+
+
+def _fitting_columns(
+    columns: Sequence[_Column], results: Sequence[LayerResult], width: int
+) -> list[_Column]:
+    """The columns whose content fits in `width`, dropping the least important first, in order.
+    The name column may fold to a narrower width; numbers never wrap."""
+
+    def needed(column: _Column) -> int:
+        longest = max([len(column.header), *(len(column.cell(result)) for result in results)])
+        if not column.numeric:
+            longest = min(longest, _FOLDED_NAME_WIDTH)
+        return longest + _CELL_PADDING
+
+    widths = {column.header: needed(column) for column in columns}
+    kept = list(columns)
+    for priority in sorted({column.priority for column in columns}, reverse=True):
+        if sum(widths[column.header] for column in kept) <= width or priority == 0:
+            break
+        kept = [column for column in kept if column.priority != priority]
+    return kept
+
+
+def _console(width: int, color: bool) -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer,
+        width=width,
+        force_terminal=color,
+        no_color=not color,
+        color_system="standard" if color else None,
+        highlight=False,
+        emoji=False,
+        soft_wrap=False,
+    )
+    return console, buffer
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _skipped_lines(skipped: Sequence[SkippedLayer], limit: int = 8) -> list[str]:
+    by_reason: dict[str, list[SkippedLayer]] = {}
+    for layer in skipped:
+        by_reason.setdefault(layer.reason, []).append(layer)
+    lines = []
+    for reason, layers in by_reason.items():
+        shown = ", ".join(f"{layer.layer_id} {layer.name}" for layer in layers[:limit])
+        more = f", ... (+{len(layers) - limit})" if len(layers) > limit else ""
+        lines.append(f"skipped ({reason}): {shown}{more}")
+    return lines
+
+
+def summary_lines(report: CheckpointReport, summary: Summary | None = None) -> list[str]:
+    """The summary under a table, also printed to stderr for csv/json runs."""
+    summary = summary or summarize(report)
+    by_id = {result.spec.layer_id: result for result in report.layers}
+    lines = [
+        f"{report.checkpoint} ({report.format}): {_count(summary.layers_analyzed, 'layer')} "
+        f"analyzed, {summary.layers_skipped} skipped, "
+        f"{_count(summary.fits_failed, 'failed fit')}; "
+        f"mean alpha {_number(summary.means['alpha'])}"
+    ]
+    for note in (report.source_note, report.ids_note):
+        if note:
+            lines.append(f"note: {note}")
+
+    def named(ids: Sequence[int]) -> str:
+        return ", ".join(
+            f"{i} {by_id[i].spec.name} (alpha {_number(by_id[i].metrics.alpha)})" for i in ids
+        )
+
+    if summary.over_trained:
+        lines.append(
+            f"{_count(len(summary.over_trained), 'layer')} very heavy-tailed (alpha < 2), "
+            f"possibly over-trained: {named(summary.over_trained)}"
+        )
+    if summary.under_trained:
+        lines.append(
+            f"{_count(len(summary.under_trained), 'layer')} light-tailed (alpha > 6), "
+            f"possibly under-trained: {named(summary.under_trained)}"
+        )
+    lines.extend(_skipped_lines(report.skipped))
+    return lines
+
+
+def render_analyze_table(report: CheckpointReport, *, width: int, color: bool) -> str:
+    """The analyzed layers of one checkpoint as a table, then its summary."""
+    console, buffer = _console(width, color)
+    columns = _fitting_columns(_ANALYZE_COLUMNS, report.layers, width)
+    table = Table(box=box.SIMPLE_HEAD, title=report.checkpoint, title_justify="left")
+    for column in columns:
+        table.add_column(
+            column.header,
+            justify="right" if column.numeric else "left",
+            overflow="fold",
+            no_wrap=column.numeric,
+        )
+    for result in report.layers:
+        table.add_row(
+            *(column.cell(result) for column in columns),
+            style=VERDICT_STYLES[result.metrics.verdict] or None,
+        )
+    if report.layers:
+        console.print(table)
+    else:
+        console.print(f"{report.checkpoint}: no layer was analyzed")
+    for line in summary_lines(report):
+        console.print(Text(line))
+    return buffer.getvalue()
+
+
+def render_describe_table(
+    checkpoint: str,
+    notes: Sequence[str | None],
+    rows: Sequence[Row],
+    *,
+    width: int,
+    color: bool,
+) -> str:
+    """describe's listing of one checkpoint as a table."""
+    console, buffer = _console(width, color)
+    table = Table(box=box.SIMPLE_HEAD, title=checkpoint, title_justify="left")
+    headers = ("id", "name", "type", "shape", "N", "M", "rf", "evals", "analyzed")
+    keys = ("layer_id", "name", "layer_type", "shape", "N", "M", "rf", "num_evals", "reason")
+    for header in headers:
+        numeric = header in ("id", "N", "M", "rf", "evals")
+        table.add_column(header, justify="right" if numeric else "left", overflow="fold")
+    for row in rows:
+        cells = [str(row[key]) for key in keys]
+        cells[-1] = "yes" if row["analyzable"] else f"no: {row['reason']}"
+        table.add_row(*cells, style=None if row["analyzable"] else "dim")
+    console.print(table)
+    for note in notes:
+        if note:
+            console.print(Text(f"note: {note}"))
+    return buffer.getvalue()
