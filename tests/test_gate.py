@@ -57,3 +57,12 @@ def test_exit_codes_are_the_documented_numbers() -> None:
 def test_inconsistent_policies_are_refused(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GatePolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_failed_fit_trips_only_when_asked_and_says_why() -> None:
+    failed = result(LAYER, math.nan, message="non-finite weights")
+    assert trip_reason(failed, GatePolicy()) is None
+    assert (
+        trip_reason(failed, GatePolicy(fail_on_failed_fit=True))
+        == "power-law fit failed: non-finite weights"
+    )

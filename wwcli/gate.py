@@ -56,7 +56,9 @@ def trip_reason(result: LayerResult, policy: GatePolicy) -> str | None:
     """Why this layer trips the gate under `policy`, or None when it does not."""
     fit = result.metrics.fit
     if fit.status is not FitStatus.SUCCESS:
-        return "power-law fit failed" if policy.fail_on_failed_fit else None
+        if not policy.fail_on_failed_fit:
+            return None
+        return f"power-law fit failed: {fit.message}" if fit.message else "power-law fit failed"
     if policy.fail_below is not None and fit.alpha < policy.fail_below:
         return f"alpha {fit.alpha:.3f} < {policy.fail_below:g}"
     if policy.fail_above is not None and fit.alpha > policy.fail_above:

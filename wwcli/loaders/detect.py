@@ -36,7 +36,7 @@ def sniff_format(path: Path) -> str:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError, ValueError) as error:
-            raise LoaderError(f"{path}: damaged zip archive: {error}") from error
+            raise LoaderError(f"{path}: damaged zip archive (truncated?): {error}") from error
         if "config.json" in names or "model.weights.h5" in names or suffix == ".keras":
             return "keras"
         if any(name.endswith("data.pkl") for name in names) or suffix in TORCH_SUFFIXES:
@@ -78,9 +78,10 @@ def open_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
         raise LoaderError(f"{path}: not a regular file")
     file_format = sniff_format(path)
     if file_format == "keras":
-        from wwcli.loaders.keras import open_keras
+        # HDF5 is parsed in a helper process: a crash or hang there is a LoaderError here.
+        from wwcli.loaders.isolated import open_keras_isolated
 
-        return open_keras(path)
+        return open_keras_isolated(path)
     if file_format == "torch":
         from wwcli.loaders.torch import open_torch
 

@@ -78,7 +78,7 @@ def _hugging_face_note(folder: Path) -> str | None:
         return None
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(config, dict):
         return None
@@ -101,6 +101,8 @@ def _read_index(index: Path) -> dict[str, str]:
         raise LoaderError(f"{index}: cannot read: {error.strerror or error}") from error
     except ValueError as error:
         raise LoaderError(f"{index}: not valid JSON ({error})") from error
+    except RecursionError as error:
+        raise LoaderError(f"{index}: JSON nested too deeply") from error
     weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(shard, str) for shard in weight_map.values()

@@ -555,8 +555,10 @@ def _class_and_name(path: Path, layer: dict[str, Any], where: str) -> tuple[str,
 
 def _is_nested_model(layer: dict[str, Any]) -> bool:
     config = layer.get("config")
+    class_name = layer.get("class_name")
     return (
-        layer.get("class_name") in _NESTED_MODEL_CLASSES
+        isinstance(class_name, str)
+        and class_name in _NESTED_MODEL_CLASSES
         and isinstance(config, dict)
         and isinstance(config.get("layers"), list)
     )

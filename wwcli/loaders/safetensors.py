@@ -119,8 +119,8 @@ class SafetensorsHeader:
 def read_header(path: Path) -> SafetensorsHeader:
     """Read and validate the header of a safetensors file; no tensor data is read.
 
-    Raises LoaderError naming the file and the problem: too small, header length above 100 MB
-    or past the end of the file, header not UTF-8 / JSON / a JSON object, a malformed or
+    Raises LoaderError naming the file and the problem: too small, header length below 2, above
+    100 MB or past the end of the file, header not UTF-8 / JSON / a JSON object, a malformed or
     duplicated entry, an unknown dtype, data_offsets out of range, overlapping or leaving a gap,
     a byte count that does not match shape x dtype width, or bytes after the last tensor.
     """
@@ -135,6 +135,11 @@ def read_header(path: Path) -> SafetensorsHeader:
                     f"{path}: only {file_size} bytes, too small for a safetensors header"
                 )
             (header_length,) = struct.unpack("<Q", stream.read(HEADER_LENGTH_BYTES))
+            if header_length < 2:
+                raise LoaderError(
+                    f"{path}: safetensors header length {header_length} is too small for a "
+                    "JSON object (not a safetensors file, or damaged)"
+                )
             if header_length > MAX_HEADER_BYTES:
                 raise LoaderError(
                     f"{path}: safetensors header length {header_length} exceeds the "
@@ -176,6 +181,8 @@ def _parse_json_object(path: Path, header_bytes: bytes) -> dict[str, Any]:
         header = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as error:
         raise LoaderError(f"{path}: safetensors header is not valid JSON ({error})") from error
+    except RecursionError as error:
+        raise LoaderError(f"{path}: safetensors header is JSON nested too deeply") from error
     if not isinstance(header, dict):
         raise LoaderError(
             f"{path}: safetensors header is a JSON {_json_kind(header)}, not an object"

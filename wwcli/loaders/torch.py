@@ -144,7 +144,10 @@ def load_checkpoint_object(path: Path, *, trust_pickle: bool) -> object:
                     raise LoaderError(
                         f"{path}: not a readable PyTorch checkpoint (damaged pickle)"
                     ) from None
-                detail = next((name for name in globals_named if not _is_torch_allowed(name)), None)
+                detail = next(
+                    (_python3_name(name) for name in globals_named if not _is_torch_allowed(name)),
+                    None,
+                )
             raise LoaderError(_unsafe_message(path, detail)) from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise LoaderError(
@@ -259,7 +262,21 @@ def _scan_pickles(stream: BinaryIO, size: int) -> list[str] | None:
 def _refused_object(message: str) -> str | None:
     """The name of what the weights-only unpickler refused, from torch's message."""
     match = re.search(r"GLOBAL ([\w.]+)", message)
-    return match.group(1) if match else None
+    return _python3_name(match.group(1)) if match else None
+
+
+def _python3_name(name: str) -> str:
+    """A global's name as Python 3 knows it: pickles of protocol 2 and below (torch.save's
+    default) name some modules as Python 2 did (`commands.check_call` for
+    `subprocess.check_call`, `__builtin__.exec`), and the message should say what would run."""
+    import _compat_pickle
+
+    module, _, attribute = name.rpartition(".")
+    if not module:
+        return name
+    if (module, attribute) in _compat_pickle.NAME_MAPPING:
+        module, attribute = _compat_pickle.NAME_MAPPING[(module, attribute)]
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attribute}"
 
 
 def _unsafe_message(path: Path, detail: str | None) -> str:
@@ -323,13 +340,18 @@ def _score(weights: Any) -> tuple[int, int]:
     return sum(str(key).endswith(".weight") for key in keys), len(keys)
 
 
+MAX_NESTING = 64
+"""How deep in nested dicts the weights are looked for (real checkpoints nest 1 to 3 deep); a
+crafted file can nest thousands deep."""
+
+
 def _search(loaded: object, trail: tuple[object, ...]) -> tuple[Any, tuple[object, ...]] | None:
     """Depth-first search for the weights; `trail` is the keys walked so far."""
     import torch
 
     if isinstance(loaded, torch.nn.Module):
         return loaded, trail
-    if not isinstance(loaded, Mapping):
+    if not isinstance(loaded, Mapping) or len(trail) > MAX_NESTING:
         return None
     for key in WRAPPER_KEYS:
         if key in loaded:

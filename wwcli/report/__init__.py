@@ -1,0 +1,1 @@
+"""Output formats: flat rows, CSV, JSON and rich tables. Formatters return text."""
