@@ -23,6 +23,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
+from tests.loaders.layer_views import our_rows, ww_rows
 from wwcli.loaders.folder import open_folder
 from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError
 from wwcli.loaders.safetensors import MAX_HEADER_BYTES, open_safetensors
@@ -32,33 +33,11 @@ FIXTURES = REPO / "fixtures"
 CNN = FIXTURES / "safetensors" / "cnn.safetensors"
 SHARDED = FIXTURES / "safetensors" / "hf_sharded_bf16"
 
-Row = tuple[str, str, int, int, int]
-
 # weightwatcher 0.7.7 builds its DataFrame in a way pandas now deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Passing a dict to DataFrame.from_records")
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def ww_rows(model: object) -> dict[int, Row]:
-    """weightwatcher 0.7.7's describe() of a model or folder: id -> (name, type, N, M, rf) for
-    every layer it would analyze (no size filter)."""
-    ww = pytest.importorskip("weightwatcher")
-    details = ww.WeightWatcher(model=model).describe(min_evals=0, max_evals=50000)
-    return {
-        int(row.layer_id): (row.longname, str(row.layer_type), int(row.N), int(row.M), int(row.rf))
-        for row in details.itertuples()
-    }
-
-
-def our_rows(checkpoint: Checkpoint) -> dict[int, Row]:
-    """The same view of wwcli's layers: the analyzable ones."""
-    return {
-        layer.layer_id: (layer.name, layer.layer_type.value, layer.N, layer.M, layer.rf)
-        for layer in checkpoint.layers()
-        if layer.analyzable
-    }
 
 
 def ww_folder(tmp_path_factory: pytest.TempPathFactory, source: Path, name: str) -> Path:

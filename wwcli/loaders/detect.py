@@ -7,7 +7,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from wwcli.loaders.interface import Checkpoint, LoaderError
+from wwcli.loaders.interface import Checkpoint, LoaderError, read_head
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
@@ -21,13 +21,7 @@ def sniff_format(path: Path) -> str:
 
     Raises LoaderError when the file cannot be read or looks like none of them.
     """
-    try:
-        with path.open("rb") as stream:
-            head = stream.read(16)
-    except OSError as error:
-        raise LoaderError(f"{path}: cannot read: {error.strerror or error}") from error
-    if not head:
-        raise LoaderError(f"{path}: empty file")
+    head = read_head(path, 16)
     suffix = path.suffix.lower()
     if head.startswith(HDF5_SIGNATURE):
         return "keras"

@@ -18,6 +18,19 @@ class LoaderError(Exception):
     """
 
 
+def read_head(path: Path, size: int) -> bytes:
+    """The first `size` bytes of a file, for telling formats apart; LoaderError when the file
+    cannot be read or is empty."""
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(size)
+    except OSError as error:
+        raise LoaderError(f"{path}: cannot read: {error.strerror or error}") from error
+    if not head:
+        raise LoaderError(f"{path}: empty file")
+    return head
+
+
 class LayerType(enum.StrEnum):
     """What a layer is, in the words `describe` and the reports use."""
 

@@ -25,7 +25,7 @@ from wwcli.loaders._statedict import (
     TensorReader,
     matrices_of_tensor,
 )
-from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError
+from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError, read_head
 
 if TYPE_CHECKING:
     import torch
@@ -161,13 +161,7 @@ def _container_kind(path: Path) -> str:
     anything else, so that torch never sees a file that is not one of its own."""
     if not path.exists():
         raise LoaderError(f"{path}: no such file")
-    try:
-        with path.open("rb") as stream:
-            head = stream.read(4)
-    except OSError as error:
-        raise LoaderError(f"{path}: cannot read: {error.strerror or error}") from error
-    if not head:
-        raise LoaderError(f"{path}: empty file")
+    head = read_head(path, 4)
     if head == ZIP_SIGNATURE:
         try:
             with zipfile.ZipFile(path) as archive:
