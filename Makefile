@@ -38,5 +38,8 @@ test: lint typecheck
 fixtures: dev
 	$(BIN)/python fixtures/make_fixtures.py
 
+experiment: dev
+	$(BIN)/python examples/overtraining/experiment.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
