@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from wwcli.engine.esd import (
     CONV2D_NORM_FACTOR,
     as_real_matrix,
+    check_backend,
     eigenvalues,
     gram_noise_floor,
     per_matrix_eigenvalues,
@@ -45,6 +46,7 @@ __all__ = [
     "Verdict",
     "analyze_layer",
     "as_real_matrix",
+    "check_backend",
     "check_size",
     "eigenvalues",
     "fit_power_law",
@@ -177,7 +179,7 @@ def analyze_layer(
     # counts singular values down to sv_max * N * eps). Near-singular layers only pay an SVD.
     rank = None
     if values[-1] > 0 and values[0] <= 2 * noise_floor:
-        rank = svd_matrix_rank(arrays, N=N)
+        rank = svd_matrix_rank(arrays, N=N, backend=options.backend, device=options.device)
     return layer_metrics(
         values,
         N=N,

@@ -12,17 +12,21 @@ Conv kernels arrive as several matrices (one per kernel position). Their eigenva
 into one spectrum (``pooled_eigenvalues``), with weightwatcher's ``conv2d_norm`` scaling of the
 kernel by sqrt(1/2), i.e. every eigenvalue halved; ``per_matrix_eigenvalues`` keeps them apart.
 
-Backends: numpy (default) and torch (``backend="torch"``, ``device="cpu" | "cuda"``), imported only
-when asked for. Precision: float64 (default) or float32.
+Backends: numpy (default: BLAS syrk for the Gram, LAPACK syevd through ``numpy.linalg.eigvalsh``;
+scipy is not imported on this path) and torch (``backend="torch"``, ``device="cpu" | "cuda"``),
+imported only when asked for; ``check_backend`` says early whether a backend can run. On a CUDA
+device each matrix is sent once as stored and the Gram is formed there, and each thread works on a
+CUDA stream of its own. Precision: float64 (default) or float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.linalg
 from numpy.typing import NDArray
 
 from wwcli.engine.options import Backend, Precision
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONV2D_NORM_FACTOR",
     "as_real_matrix",
+    "check_backend",
     "eigenvalues",
     "gram_noise_floor",
     "per_matrix_eigenvalues",
@@ -80,16 +85,39 @@ def _row_blocks(tall: NDArray[Any]) -> list[slice]:
 
 
 def _gram_numpy(tall: NDArray[Any], dtype: type[np.floating[Any]]) -> NDArray[Any]:
-    """tall^T tall accumulated in `dtype`; the product of a contiguous block with its own
-    transpose goes to BLAS syrk (half the flops of a general product)."""
+    """tall^T tall accumulated in `dtype`, in blocks of the long side; each block is cast once
+    and multiplied by its own transpose, which numpy sends to BLAS syrk (half the flops of a
+    general product).
+
+    The blocks follow the memory layout of the stored matrix: when `tall` is the transpose of a
+    C-ordered wide matrix W (a (hidden, ffn) down projection, say), the Gram is accumulated as
+    W[:, cols] W[:, cols]^T, so no block is ever transposed in memory (that copy cost about a
+    tenth of the Gram).
+    """
+    wide = tall.T
+    transposed = not tall.flags.c_contiguous and wide.flags.c_contiguous
+    source = wide if transposed else tall
     first, *others = _row_blocks(tall)
     with np.errstate(over="ignore", invalid="ignore"):
-        block = np.ascontiguousarray(tall[first], dtype=dtype)
-        gram: NDArray[Any] = block.T @ block
+        block = _cast_block(source, first, dtype, transposed)
+        gram: NDArray[Any] = block @ block.T if transposed else block.T @ block
         for rows in others:
-            block = np.ascontiguousarray(tall[rows], dtype=dtype)
-            gram += block.T @ block
+            block = _cast_block(source, rows, dtype, transposed)
+            gram += block @ block.T if transposed else block.T @ block
     return gram
+
+
+def _cast_block(
+    source: NDArray[Any], rows: slice, dtype: type[np.floating[Any]], transposed: bool
+) -> NDArray[Any]:
+    """Rows `rows` of the tall matrix, cast to `dtype` in C order: source[rows] when `source` is
+    the tall matrix, source[:, rows] when it is its C-ordered transpose."""
+    part = source[:, rows] if transposed else source[rows]
+    if part.dtype == dtype and part.flags.c_contiguous:
+        return part
+    block = np.empty(part.shape, dtype=dtype)
+    block[...] = part  # one pass: cast and gather, no intermediate copy
+    return block
 
 
 def _import_torch(device: str) -> ModuleType:
@@ -99,9 +127,83 @@ def _import_torch(device: str) -> ModuleType:
         raise ValueError(
             "backend 'torch' was asked for but torch is not installed (pip install torch)"
         ) from error
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but torch.cuda.is_available() is False")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r} was asked for but torch.cuda.is_available() is False "
+                f"(no CUDA device, or torch {torch.__version__} was built without CUDA)"
+            )
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} was asked for but torch sees only "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
     return torch
+
+
+def check_backend(*, backend: Backend = "numpy", device: str = "cpu") -> None:
+    """ValueError with a clear message when `backend` on `device` cannot run here (torch not
+    installed, no CUDA device, a device index out of range); imports torch only for it."""
+    if backend not in ("numpy", "torch"):
+        raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
+    if backend == "numpy" and device != "cpu":
+        raise ValueError(f"device {device!r} needs backend='torch'; numpy runs on 'cpu'")
+    if backend == "torch":
+        _import_torch(device)
+
+
+def _torch_source(tall: NDArray[Any]) -> tuple[NDArray[Any], bool]:
+    """(C-ordered array, transposed): the tall matrix itself, or its C-ordered transpose (a wide
+    matrix as stored) with transposed=True; a dtype torch cannot take is cast on the CPU (an
+    extension float such as bfloat16 exactly to float32, integers to float64)."""
+    wide = tall.T
+    transposed = not tall.flags.c_contiguous and wide.flags.c_contiguous
+    source = wide if transposed else np.ascontiguousarray(tall)
+    if source.dtype not in (np.float16, np.float32, np.float64):
+        source = source.astype(np.float32 if source.dtype.kind == "V" else np.float64)
+    return source, transposed
+
+
+def _gram_torch(torch: ModuleType, tall: NDArray[Any], *, device: str, dtype: Any) -> Any:
+    """tall^T tall as a torch tensor of `dtype` on `device`.
+
+    The matrix goes to the device once, as stored (float32 for a BF16 checkpoint: half the
+    bytes of float64, and no transposed copy on the host); each block of rows is cast to the
+    working precision there and accumulated, so the device holds the matrix, one cast block and
+    the Gram. On the CPU, torch.from_numpy shares the array's memory.
+    """
+    source, transposed = _torch_source(tall)
+    on_device = torch.from_numpy(source).to(device)
+    gram = None
+    for rows in _row_blocks(tall):
+        block = (on_device[:, rows] if transposed else on_device[rows]).to(dtype)
+        product = block @ block.mT if transposed else block.mT @ block
+        gram = product if gram is None else gram.add_(product)
+    return gram
+
+
+_THREAD_STREAMS = threading.local()
+"""Each thread's CUDA stream per device (see ``_own_stream``)."""
+
+
+@contextlib.contextmanager
+def _own_stream(torch: ModuleType, device: str) -> Iterator[None]:
+    """On a CUDA device, run the block on a stream of this thread's own (made once per thread
+    and device), so that layers analyzed in parallel threads (--jobs) overlap on the GPU instead
+    of queueing on the one default stream; one eigensolve of a 4096 x 4096 Gram leaves most of
+    the GPU idle. Every tensor of a layer is made and used on its thread's stream, and the
+    results are copied back to the host (which waits for that stream) before the block ends.
+    Elsewhere: nothing."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    streams: dict[str, Any] = getattr(_THREAD_STREAMS, "by_device", {})
+    _THREAD_STREAMS.by_device = streams
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device=device)
+    with torch.cuda.stream(streams[device]):
+        yield
 
 
 def _eigenvalues_torch(
@@ -109,19 +211,8 @@ def _eigenvalues_torch(
 ) -> list[NDArray[np.float64]]:
     torch = _import_torch(device)
     dtype = torch.float64 if precision == "float64" else torch.float32
-    grams = []
-    with torch.no_grad():
-        for tall in talls:
-            columns = tall.shape[1]
-            gram = torch.zeros((columns, columns), dtype=dtype, device=device)
-            for rows in _row_blocks(tall):
-                block_np = tall[rows]
-                if block_np.dtype not in (np.float16, np.float32, np.float64):
-                    block_np = block_np.astype(np.float64)  # ints, bfloat16, ...
-                # Cast to the working precision where the data is going (the GPU, say).
-                block = torch.from_numpy(np.ascontiguousarray(block_np)).to(device).to(dtype)
-                gram += block.mT @ block
-            grams.append(gram)
+    with torch.no_grad(), _own_stream(torch, device):
+        grams = [_gram_torch(torch, tall, device=device, dtype=dtype) for tall in talls]
         if not all(bool(torch.isfinite(gram).all()) for gram in grams):
             return [np.full(gram.shape[0], np.nan) for gram in grams]
         if len({gram.shape for gram in grams}) == 1:
@@ -129,7 +220,8 @@ def _eigenvalues_torch(
             per_matrix = list(values.unbind(0))
         else:
             per_matrix = [torch.linalg.eigvalsh(gram) for gram in grams]
-        return [v.to("cpu").to(torch.float64).numpy() for v in per_matrix]
+        # .cpu() waits for the device: the values are final when this returns.
+        return [v.cpu().to(torch.float64).numpy() for v in per_matrix]
 
 
 def _eigenvalues_numpy(
@@ -143,13 +235,9 @@ def _eigenvalues_numpy(
     if len({gram.shape for gram in grams}) == 1 and len(grams) > 1:
         stacked = np.linalg.eigvalsh(np.stack(grams))
         return [row.astype(np.float64) for row in stacked]
-    # scipy's syevr with overwrite: ~10 % faster than numpy's syevd here, and no copy.
-    return [
-        scipy.linalg.eigh(
-            gram, eigvals_only=True, driver="evr", overwrite_a=True, check_finite=False
-        ).astype(np.float64)
-        for gram in grams
-    ]
+    # numpy's syevd: as fast as scipy's syevr at 256 to 2048 on one thread (within 3 %,
+    # benchmarks/README.md), and it spares a run the ~0.25 s import of scipy.linalg.
+    return [np.linalg.eigvalsh(gram).astype(np.float64, copy=False) for gram in grams]
 
 
 def per_matrix_eigenvalues(
@@ -229,22 +317,36 @@ def gram_noise_floor(lambda_max: float, *, M: int, precision: Precision = "float
     return float(lambda_max) * M * eps
 
 
-def svd_matrix_rank(matrices: Sequence[NDArray[Any]], *, N: int) -> int:
+def svd_matrix_rank(
+    matrices: Sequence[NDArray[Any]], *, N: int, backend: Backend = "numpy", device: str = "cpu"
+) -> int:
     """weightwatcher's rank of a layer from full SVDs: the number of pooled singular values above
     max(sv) * N * eps(float64). The slow, exact path, O(N M^2) per matrix with a larger constant
     than the Gram: the engine uses it only when the Gram cannot resolve the bottom of the
-    spectrum (some eigenvalue within twice ``gram_noise_floor``)."""
-    import scipy.linalg
+    spectrum (some eigenvalue within twice ``gram_noise_floor``). Always float64; the torch
+    backend computes it on `device` (torch.linalg.svdvals), so a GPU run does not fall back to
+    a CPU SVD."""
+    arrays = [as_real_matrix(m, f"matrices[{i}]") for i, m in enumerate(matrices)]
+    if backend == "torch":
+        torch = _import_torch(device)
+        with torch.no_grad(), _own_stream(torch, device):
+            parts = [
+                torch.linalg.svdvals(
+                    torch.from_numpy(_torch_source(array)[0]).to(device).to(torch.float64)
+                )
+                .cpu()
+                .numpy()
+                for array in arrays
+            ]
+        singular_values = np.concatenate(parts)
+    else:
+        import scipy.linalg  # only here: a plain run never needs scipy
 
-    singular_values = np.concatenate(
-        [
-            scipy.linalg.svd(
-                as_real_matrix(m, f"matrices[{i}]").astype(np.float64),
-                compute_uv=False,
-                check_finite=False,
-            )
-            for i, m in enumerate(matrices)
-        ]
-    )
+        singular_values = np.concatenate(
+            [
+                scipy.linalg.svd(array.astype(np.float64), compute_uv=False, check_finite=False)
+                for array in arrays
+            ]
+        )
     tolerance = singular_values.max() * N * np.finfo(np.float64).eps
     return int(np.count_nonzero(singular_values > tolerance))
