@@ -225,6 +225,16 @@ def _engine_options(
         raise UsageError(str(error)) from error
 
 
+def _check_device(options: EngineOptions) -> None:
+    """Fail before reading anything when the eigensolver cannot run where it was asked to."""
+    from wwcli.engine import check_backend
+
+    try:
+        check_backend(backend=options.backend, device=options.device)
+    except ValueError as error:
+        raise UsageError(f"--device {options.device}: {error}") from error
+
+
 def _write_atomically(target: Path, text: str) -> None:
     """Write `text` to `target` through a temporary file in the same folder and a rename, so a
     reader never sees half a file and a failure leaves the old file as it was."""
@@ -459,6 +469,7 @@ def analyze(
         except ValueError as error:
             raise UsageError(str(error)) from error
         options = _engine_options(min_evals, max_evals, device, precision)
+        _check_device(options)
         terms = parse_layers(layers) if layers is not None else ()
         for target, option in ((csv_file, "--csv"), (json_file, "--json")):
             if target is not None:

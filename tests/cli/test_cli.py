@@ -232,3 +232,15 @@ def test_help_is_fast_and_imports_no_framework() -> None:
     wall = time.perf_counter() - started
     assert out.startswith("[]"), out
     assert wall < 5.0  # generous: the measured figure (README) is far lower
+
+
+def test_cuda_without_a_device_is_a_usage_error() -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = invoke("analyze", SEED_MLP, "--device", "cuda")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wwcli: error: --device cuda: ")
+    assert "internal error" not in lines[0]
