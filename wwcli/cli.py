@@ -414,7 +414,8 @@ def analyze(
         Precision,
         typer.Option(
             "--precision",
-            help="Precision of the eigensolver; float32 is faster but loses small eigenvalues.",
+            help="Precision of the Gram matrix and eigensolver. float32 is an opt-in for GPUs; "
+            "it loses the smallest eigenvalues and is not faster on CPU.",
         ),
     ] = Precision.float64,
     jobs: Annotated[
