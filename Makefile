@@ -23,7 +23,7 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 run: install
-	$(BIN)/wwcli analyze fixtures/keras/seed_mlp.keras --exit-zero
+	$(BIN)/wwcli analyze fixtures/keras/seed_mlp.keras fixtures/keras/heavy_tailed_mlp.keras --exit-zero
 
 lint: dev
 	$(BIN)/ruff check wwcli tests fixtures benchmarks examples docs
