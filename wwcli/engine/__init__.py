@@ -86,11 +86,6 @@ def check_size(*, N: int, M: int, rf: int, options: EngineOptions = DEFAULT_OPTI
     return None
 
 
-def _failed_fit(message: str) -> PowerLawFit:
-    nan = math.nan
-    return PowerLawFit(FitStatus.FAILED, nan, nan, nan, nan, nan, -1, message)
-
-
 def _failed_layer(*, N: int, M: int, rf: int, message: str) -> LayerMetrics:
     """A layer whose eigenvalues could not be computed: every metric NaN, rank -1."""
     nan = math.nan
@@ -99,7 +94,7 @@ def _failed_layer(*, N: int, M: int, rf: int, message: str) -> LayerMetrics:
         M=M,
         rf=rf,
         num_evals=M * rf,
-        fit=_failed_fit(message),
+        fit=PowerLawFit.failed(message),
         lambda_max=nan,
         norm=nan,
         log_norm=nan,
@@ -169,7 +164,7 @@ def analyze_layer(
     threshold = max(options.eigenvalue_threshold, noise_floor)
     above = values[values > threshold]
     if above.size >= 2 and above[-1] - above[0] <= noise_floor:
-        fit = _failed_fit(
+        fit = PowerLawFit.failed(
             f"all {above.size} eigenvalues above the threshold are equal to within round-off "
             f"({noise_floor:.3g}): no tail to fit"
         )

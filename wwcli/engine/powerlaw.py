@@ -248,20 +248,6 @@ def _select_standard(data: NDArray[np.float64], alphas: NDArray[np.float64]) -> 
     return index, float(distances[index])
 
 
-def _failed(message: str) -> PowerLawFit:
-    nan = math.nan
-    return PowerLawFit(
-        status=FitStatus.FAILED,
-        alpha=nan,
-        xmin=nan,
-        xmax=nan,
-        D=nan,
-        sigma=nan,
-        num_pl_spikes=-1,
-        message=message,
-    )
-
-
 def _fit_small_n(data: NDArray[np.float64]) -> tuple[int, float, float] | str:
     """(index, alpha, D) of weightwatcher's small-N fit, or why there is none.
 
@@ -308,29 +294,31 @@ def fit_power_law(eigenvalues: ArrayLike, *, threshold: float = 1e-5) -> PowerLa
     if values.ndim != 1:
         raise ValueError(f"eigenvalues must be 1-D, got shape {values.shape}")
     if not np.isfinite(values).all():
-        return _failed("non-finite eigenvalues")
+        return PowerLawFit.failed("non-finite eigenvalues")
     data = np.sort(values[values > threshold])
     n = data.size
     if n < 2:
-        return _failed(
+        return PowerLawFit.failed(
             f"too few positive eigenvalues: {n} above the threshold {threshold:g} "
             "(a fit needs at least 2)"
         )
     if data[0] == data[-1]:
-        return _failed(
+        return PowerLawFit.failed(
             f"all {n} eigenvalues above the threshold are equal ({data[0]:.6g}): no tail to fit"
         )
     if n < SMALL_N_CUTOFF:
         selection = _fit_small_n(data)
         if isinstance(selection, str):
-            return _failed(selection)
+            return PowerLawFit.failed(selection)
         index, alpha, distance = selection
     else:
         alphas = tail_alphas(data)
         index, distance = _select_standard(data, alphas)
         alpha = float(alphas[index])
     if not math.isfinite(alpha):
-        return _failed(f"alpha is not finite ({alpha}): the tail's eigenvalues are all equal")
+        return PowerLawFit.failed(
+            f"alpha is not finite ({alpha}): the tail's eigenvalues are all equal"
+        )
     xmin = float(data[index])
     return PowerLawFit(
         status=FitStatus.SUCCESS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 
@@ -46,6 +47,12 @@ class PowerLawFit:
     """Number of eigenvalues >= xmin (-1 when failed)."""
     message: str = ""
     """Why the fit failed; "" on success."""
+
+    @classmethod
+    def failed(cls, message: str) -> PowerLawFit:
+        """A failed fit: NaN numbers, -1 spikes, and why."""
+        nan = math.nan
+        return cls(FitStatus.FAILED, nan, nan, nan, nan, nan, -1, message)
 
 
 @dataclass(frozen=True)
