@@ -142,3 +142,14 @@ def test_table_fits_an_80_column_terminal() -> None:
     width = len(lines[row][start:].split()[0])
     pieces = [line[start : start + width].strip() for line in lines[row : row + 4]]
     assert "".join(pieces) == long_name
+
+
+def test_the_summary_names_at_most_ten_layers_per_verdict() -> None:
+    many = [result(spec(i, f"layer{i}", shape=(64, 64)), 1.5) for i in range(13)]
+    text = render_analyze_table(report(many), width=400, color=False)
+    line = next(line for line in text.splitlines() if "very heavy-tailed" in line)
+    assert line.startswith(
+        "13 layers very heavy-tailed (alpha < 2), possibly over-trained: 0 layer0"
+    )
+    assert "9 layer9 (alpha 1.500), ... (+3)" in line
+    assert "layer10" not in line

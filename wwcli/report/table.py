@@ -151,10 +151,12 @@ def summary_lines(report: CheckpointReport, summary: Summary | None = None) -> l
         if note:
             lines.append(f"note: {note}")
 
-    def named(ids: Sequence[int]) -> str:
-        return ", ".join(
-            f"{i} {by_id[i].spec.name} (alpha {_number(by_id[i].metrics.alpha)})" for i in ids
+    def named(ids: Sequence[int], limit: int = 10) -> str:
+        shown = ", ".join(
+            f"{i} {by_id[i].spec.name} (alpha {_number(by_id[i].metrics.alpha)})"
+            for i in ids[:limit]
         )
+        return shown + (f", ... (+{len(ids) - limit})" if len(ids) > limit else "")
 
     if summary.over_trained:
         lines.append(
