@@ -50,6 +50,8 @@ def _weights() -> list[tuple[str, np.ndarray[Any, Any]]]:
         ("linear", with_singular_values(rng, 1024, 768, planted)),
         ("embedding", heavy_tailed(rng, 1000, 64, df=2.2)),
         ("linear", low_rank),  # rank 60 of 100
+        # 1100 eigenvalues: above TWO_STAGE_MIN_ORDER, so LAPACK's two-stage solver
+        ("linear", heavy_tailed(rng, 1100, 1300, df=2.5)),
     ]
 
 

@@ -156,6 +156,7 @@ def analyze_layer(
         backend=options.backend,
         device=options.device,
         precision=options.precision,
+        torch_eigh_min_order=options.torch_eigh_min_order,
     )
     if not np.isfinite(values).all():
         message = f"non-finite eigenvalues: the Gram matrix overflowed {options.precision}"

@@ -12,11 +12,12 @@ Conv kernels arrive as several matrices (one per kernel position). Their eigenva
 into one spectrum (``pooled_eigenvalues``), with weightwatcher's ``conv2d_norm`` scaling of the
 kernel by sqrt(1/2), i.e. every eigenvalue halved; ``per_matrix_eigenvalues`` keeps them apart.
 
-Backends: numpy (default: BLAS syrk for the Gram, LAPACK syevd through ``numpy.linalg.eigvalsh``;
-scipy is not imported on this path) and torch (``backend="torch"``, ``device="cpu" | "cuda"``),
-imported only when asked for; ``check_backend`` says early whether a backend can run. On a CUDA
-device each matrix is sent once as stored and the Gram is formed there, and each thread works on a
-CUDA stream of its own. Precision: float64 (default) or float32.
+Backends: numpy (default: BLAS syrk for the Gram, LAPACK syevd through ``numpy.linalg.eigvalsh``,
+or from order 1024 up LAPACK's faster two-stage ``dsyevd_2stage`` from numpy's own OpenBLAS, see
+``_lapack``; scipy is not imported on this path) and torch (``backend="torch"``,
+``device="cpu" | "cuda"``), imported only when asked for; ``check_backend`` says early whether a
+backend can run. On a CUDA device each matrix is sent once as stored and the Gram is formed there,
+and each thread works on a CUDA stream of its own. Precision: float64 (default) or float32.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from wwcli.engine._lapack import TWO_STAGE_MIN_ORDER, two_stage_eigvalsh
 from wwcli.engine.options import Backend, Precision
 
 if TYPE_CHECKING:
@@ -225,19 +227,47 @@ def _eigenvalues_torch(
 
 
 def _eigenvalues_numpy(
-    talls: Sequence[NDArray[Any]], *, precision: Precision
+    talls: Sequence[NDArray[Any]], *, precision: Precision, torch_eigh_min_order: int | None
 ) -> list[NDArray[np.float64]]:
     dtype = np.float64 if precision == "float64" else np.float32
     grams = [_gram_numpy(tall, dtype) for tall in talls]
     if not all(np.isfinite(gram).all() for gram in grams):
         # Non-finite weights, or a Gram that overflowed: LAPACK would not converge.
         return [np.full(gram.shape[0], np.nan) for gram in grams]
-    if len({gram.shape for gram in grams}) == 1 and len(grams) > 1:
+    order = grams[0].shape[0]
+    special = min(TWO_STAGE_MIN_ORDER, torch_eigh_min_order or TWO_STAGE_MIN_ORDER)
+    same_shape = len({gram.shape for gram in grams}) == 1
+    if same_shape and len(grams) > 1 and order < special:
         stacked = np.linalg.eigvalsh(np.stack(grams))
         return [row.astype(np.float64) for row in stacked]
-    # numpy's syevd: as fast as scipy's syevr at 256 to 2048 on one thread (within 3 %,
-    # benchmarks/README.md), and it spares a run the ~0.25 s import of scipy.linalg.
-    return [np.linalg.eigvalsh(gram).astype(np.float64, copy=False) for gram in grams]
+    return [_eigvalsh_numpy(gram, torch_eigh_min_order) for gram in grams]
+
+
+def _eigvalsh_numpy(
+    gram: NDArray[Any], torch_eigh_min_order: int | None = None
+) -> NDArray[np.float64]:
+    """Eigenvalues of one Gram (which may be destroyed), by the fastest solver measured for its
+    order and type (benchmarks/README.md, one thread):
+
+    - float64 from ``torch_eigh_min_order`` up, when asked for: torch's ``linalg.eigvalsh``
+      (MKL), 1.7x syevd's speed from 1280 to 2048, 2.2-2.5x at 3072 and 4096;
+    - float64 from TWO_STAGE_MIN_ORDER up: LAPACK's two-stage solver where numpy's OpenBLAS has
+      it (engine/_lapack.py), 1.15-1.6x syevd's speed;
+    - otherwise numpy's syevd, as fast as scipy's syevr at 256 to 2048 (within 3 %), without
+      the ~0.25 s import of scipy.linalg.
+    """
+    if gram.dtype == np.float64:
+        order = gram.shape[0]
+        if torch_eigh_min_order is not None and order >= torch_eigh_min_order:
+            torch = _import_torch("cpu")
+            with torch.no_grad():
+                values: NDArray[np.float64] = torch.linalg.eigvalsh(torch.from_numpy(gram)).numpy()
+            return values
+        if order >= TWO_STAGE_MIN_ORDER:
+            two_stage = two_stage_eigvalsh(gram)
+            if two_stage is not None:
+                return two_stage
+    return np.linalg.eigvalsh(gram).astype(np.float64, copy=False)
 
 
 def per_matrix_eigenvalues(
@@ -247,6 +277,7 @@ def per_matrix_eigenvalues(
     backend: Backend = "numpy",
     device: str = "cpu",
     precision: Precision = "float64",
+    torch_eigh_min_order: int | None = None,
 ) -> list[NDArray[np.float64]]:
     """The eigenvalues of each matrix's Gram, one sorted array per matrix (the unpooled ESD).
 
@@ -255,7 +286,9 @@ def per_matrix_eigenvalues(
     Non-finite weights, or a Gram that overflows, give all-NaN arrays (no exception).
     Cost: O(N M^2) per matrix for the Gram plus O(M^3) for the eigensolver; memory O(M^2) plus
     one block of rows cast to `precision`. Raises ValueError for a matrix that is not 2-D and
-    real, or for an unavailable backend.
+    real, or for an unavailable backend. On the numpy backend in float64, Grams of order
+    `torch_eigh_min_order` or more are solved by torch on the CPU (ValueError without torch; its
+    thread count is the caller's to set).
     """
     if backend not in ("numpy", "torch"):
         raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
@@ -269,7 +302,9 @@ def per_matrix_eigenvalues(
     if backend == "torch":
         raw = _eigenvalues_torch(talls, device=device, precision=precision)
     else:
-        raw = _eigenvalues_numpy(talls, precision=precision)
+        raw = _eigenvalues_numpy(
+            talls, precision=precision, torch_eigh_min_order=torch_eigh_min_order
+        )
     result = []
     for values in raw:
         clipped = np.sort(np.maximum(values, 0.0))
@@ -286,11 +321,17 @@ def pooled_eigenvalues(
     backend: Backend = "numpy",
     device: str = "cpu",
     precision: Precision = "float64",
+    torch_eigh_min_order: int | None = None,
 ) -> NDArray[np.float64]:
     """The eigenvalues of all matrices concatenated into one sorted ESD (weightwatcher's pooled
     conv spectrum: M * rf values); see ``per_matrix_eigenvalues`` for the rest."""
     per_matrix = per_matrix_eigenvalues(
-        matrices, conv2d_norm=conv2d_norm, backend=backend, device=device, precision=precision
+        matrices,
+        conv2d_norm=conv2d_norm,
+        backend=backend,
+        device=device,
+        precision=precision,
+        torch_eigh_min_order=torch_eigh_min_order,
     )
     return np.sort(np.concatenate(per_matrix))
 
@@ -301,10 +342,17 @@ def eigenvalues(
     backend: Backend = "numpy",
     device: str = "cpu",
     precision: Precision = "float64",
+    torch_eigh_min_order: int | None = None,
 ) -> NDArray[np.float64]:
     """The min(shape) eigenvalues of the Gram of one 2-D matrix (its squared singular values),
     float64, sorted ascending, round-off negatives clipped to 0. O(N M^2 + M^3) time."""
-    return per_matrix_eigenvalues([matrix], backend=backend, device=device, precision=precision)[0]
+    return per_matrix_eigenvalues(
+        [matrix],
+        backend=backend,
+        device=device,
+        precision=precision,
+        torch_eigh_min_order=torch_eigh_min_order,
+    )[0]
 
 
 def gram_noise_floor(lambda_max: float, *, M: int, precision: Precision = "float64") -> float:
