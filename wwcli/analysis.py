@@ -5,10 +5,14 @@ It never prints: progress is reported through a callback, results come back as v
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import importlib.util
 import math
 import os
+import sys
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -116,6 +120,70 @@ def skip_reason(spec: LayerSpec, options: EngineOptions) -> str | None:
     return check_size(N=spec.N, M=spec.M, rf=spec.rf, options=options)
 
 
+TORCH_EIGH_MIN_ORDER = 1280
+"""From this Gram order up, torch's eigensolver (MKL) beats LAPACK's two-stage one on one CPU
+thread: 1.3x at 1280, 1.5x at 2048, 1.6x at 4096; at 1024 it is slower (benchmarks/README.md)."""
+
+TORCH_EIGH_ENV = "WWCLI_TORCH_EIGH"
+"""Set to 0 to keep torch's eigensolver out of a run (LAPACK only; the same values to round-off)."""
+
+TORCH_WORTH_CUBES = 1.2e11
+"""torch's eigensolver saves about 2.5e-11 * n**3 s per Gram of order n >= TORCH_EIGH_MIN_ORDER
+against LAPACK's (measured here, one thread) and its import costs ~1.8 s. It is imported for a
+run only when the sum of n**3 over those Grams reaches this (~3 s saved: two layers of 4096,
+fourteen of 2048), and used whenever it is already loaded (the PyTorch reader loads it)."""
+
+
+def eigensolver_options(specs: Sequence[LayerSpec], options: EngineOptions) -> EngineOptions:
+    """`options`, with torch's CPU eigensolver turned on for the large Grams of `specs` where
+    torch is installed and worth its import (TORCH_WORTH_CUBES), unless TORCH_EIGH_ENV is 0;
+    unchanged otherwise. The eigenvalues are the same to round-off either way
+    (tests/engine/test_two_stage.py)."""
+    if (
+        options.backend != "numpy"
+        or options.precision != "float64"
+        or options.torch_eigh_min_order is not None
+        or os.environ.get(TORCH_EIGH_ENV, "").strip() == "0"
+    ):
+        return options
+    cubes = sum(spec.rf * spec.M**3 for spec in specs if spec.M >= TORCH_EIGH_MIN_ORDER)
+    if cubes == 0:
+        return options
+    if sys.modules.get("torch") is None:  # not loaded (or blocked, as None)
+        if cubes < TORCH_WORTH_CUBES or importlib.util.find_spec("torch") is None:
+            return options
+        try:
+            import torch  # noqa: F401 - loaded here, before BLAS and OpenMP are capped
+        except Exception:  # a broken torch install: LAPACK does the work
+            return options
+    return dataclasses.replace(options, torch_eigh_min_order=TORCH_EIGH_MIN_ORDER)
+
+
+def _one_torch_thread() -> None:
+    """Each thread that calls torch's CPU eigensolver runs it on one thread (torch's setting also
+    sets the calling thread's OpenMP count, which threads do not inherit)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def _torch_cpu_threads(options: EngineOptions) -> Iterator[Callable[[], None] | None]:
+    """While open, torch runs on one thread when `options` send Grams to its CPU eigensolver;
+    yields the initializer for pool threads (None when torch is not used)."""
+    if options.backend != "numpy" or options.torch_eigh_min_order is None:
+        yield None
+        return
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield _one_torch_thread
+    finally:
+        torch.set_num_threads(saved)
+
+
 def default_jobs() -> int:
     """The number of cores this process may run on."""
     try:
@@ -139,7 +207,9 @@ def analyze_checkpoint(
     the engine is done with it. BLAS is capped to one thread; with jobs > 1 the engine runs in a
     pool of `jobs` threads and at most jobs + 1 layers' matrices are held at once, so memory
     follows the largest matrices, not the model. numpy and torch release the GIL in the Gram
-    product and the eigensolver, where the time goes. With jobs == 1 there is no pool: reading
+    product and the eigensolver, where the time goes. Large Grams may go to torch's CPU
+    eigensolver (``eigensolver_options``), then also capped to one thread. With jobs == 1 there
+    is no pool: reading
     the next tensor while the current one is solved measured no faster on (b) (reading is ~4 %
     of the time) and held one more layer (+35 MiB), benchmarks/README.md.
     """
@@ -165,14 +235,15 @@ def analyze_checkpoint(
         # Fail before reading anything when the backend cannot run (no torch, no CUDA device);
         # for torch this also loads its thread pools before they are capped below.
         check_backend(backend=options.backend, device=options.device)
+        options = eigensolver_options([spec for _, spec in work], options)
     # One BLAS thread per layer, always: parallelism comes from layers, and each layer's numbers
     # come from the same single-threaded arithmetic whatever `jobs` is (byte-identical output).
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=1), _torch_cpu_threads(options) as initializer:
         if jobs == 1 or len(work) <= 1:
             for position, spec in work:
                 finish(position, analyze_one(checkpoint, spec, options))
         else:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
+            with ThreadPoolExecutor(max_workers=jobs, initializer=initializer) as pool:
                 in_flight: deque[tuple[int, LayerSpec, Future[LayerMetrics]]] = deque()
                 for position, spec in work:
                     matrices = checkpoint.matrices(spec)
