@@ -41,6 +41,8 @@ import scipy.linalg
 from numpy.typing import NDArray
 from threadpoolctl import threadpool_info, threadpool_limits
 
+import wwcli.engine._lapack as lapack
+from wwcli.analysis import TORCH_EIGH_MIN_ORDER
 from wwcli.engine import eigenvalues, fit_power_law, ks_distances, tail_alphas
 
 FIT_SIZES = (768, 1536, 4096, 8192)
@@ -183,6 +185,15 @@ def _svd(w: NDArray[np.float32]) -> NDArray[np.float64]:
     return values
 
 
+def _syevd_eigenvalues(w: NDArray[np.float32]) -> NDArray[np.float64]:
+    """``eigenvalues(w)`` with the two-stage solver turned off: numpy's syevd for every order."""
+    lapack.enabled = False
+    try:
+        return eigenvalues(w)
+    finally:
+        lapack.enabled = True
+
+
 def _top_relative_difference(values: NDArray[np.float64], reference: NDArray[np.float64]) -> float:
     """Largest relative difference over the top 10 % of two ascending spectra."""
     top = slice(-max(1, reference.size // 10), None)
@@ -202,6 +213,14 @@ def _bench_shape(
             "svd_s": (partial(_svd, w), svd_repeats),
             "numpy_s": (partial(eigenvalues, w), repeats),
         }
+        if min(shape) >= lapack.TWO_STAGE_MIN_ORDER:
+            contenders["syevd_s"] = (partial(_syevd_eigenvalues, w), repeats)
+        if has_torch and min(shape) >= TORCH_EIGH_MIN_ORDER:
+            # What `wwcli analyze` runs for such layers where torch is installed and worth it.
+            contenders["mkl_s"] = (
+                partial(eigenvalues, w, torch_eigh_min_order=TORCH_EIGH_MIN_ORDER),
+                repeats,
+            )
         if has_torch:
             contenders["torch_s"] = (partial(eigenvalues, w, backend="torch"), repeats)
         with _threads(threads):
@@ -216,6 +235,13 @@ def _bench_shape(
                     eigenvalues(w, backend="torch"), reference
                 )
         row["speedup_numpy"] = row["svd_s"] / row["numpy_s"]
+        if "syevd_s" in row:
+            row["speedup_syevd"] = row["svd_s"] / row["syevd_s"]
+        if "mkl_s" in row:
+            row["speedup_mkl"] = row["svd_s"] / row["mkl_s"]
+            row["mkl_top10_rel_diff"] = _top_relative_difference(
+                eigenvalues(w, torch_eigh_min_order=TORCH_EIGH_MIN_ORDER), reference
+            )
         if has_torch:
             row["speedup_torch"] = row["svd_s"] / row["torch_s"]
         rows.append(row)
@@ -256,11 +282,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats, no 4096x4096")
     parser.add_argument("--repeats", type=int, default=None, help="runs per median (default 7)")
     parser.add_argument("--only", choices=["fit", "eigenvalues"], default=None)
+    parser.add_argument(
+        "--threads", choices=["1", "default", "both"], default="both", help="BLAS threads"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write raw numbers here")
     arguments = parser.parse_args()
     repeats = arguments.repeats or (3 if arguments.quick else 7)
     shapes = MATRIX_SHAPES[:-1] if arguments.quick else MATRIX_SHAPES
-    thread_counts: list[int | None] = [1, None]
+    thread_counts: list[int | None] = {"1": [1], "default": [None], "both": [1, None]}[
+        arguments.threads
+    ]
     blas = [(i["internal_api"], i["num_threads"]) for i in threadpool_info()]
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
@@ -300,6 +331,11 @@ def main() -> None:
                     ("svd_s", "scipy SVD (s)", ".3f"),
                     ("numpy_s", "ours, numpy (s)", ".3f"),
                     ("speedup_numpy", "SVD / numpy", ".1f"),
+                    ("syevd_s", "ours, syevd only (s)", ".3f"),
+                    ("speedup_syevd", "SVD / syevd only", ".1f"),
+                    ("mkl_s", "ours, torch eigensolver (s)", ".3f"),
+                    ("speedup_mkl", "SVD / torch eigensolver", ".1f"),
+                    ("mkl_top10_rel_diff", "top 10 % rel. diff, torch eigensolver", ".1e"),
                     ("numpy_top10_rel_diff", "top 10 % rel. diff, numpy", ".1e"),
                     ("torch_s", "ours, torch CPU (s)", ".3f"),
                     ("speedup_torch", "SVD / torch", ".1f"),
