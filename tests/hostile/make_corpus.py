@@ -296,6 +296,20 @@ def _flip(data: bytes, start: int, count: int) -> bytes:
     return bytes(damaged)
 
 
+def _patch_central_directory(data: bytes, offset: int, value: int, only: str = "") -> bytes:
+    """A zip whose central-directory entries (those whose name ends with `only`) carry `value` in
+    the 2-byte field at `offset`: 6 is "version needed to extract", 10 the compression method."""
+    patched = bytearray(data)
+    position = 0
+    while (position := patched.find(b"PK\x01\x02", position)) >= 0:
+        (name_length,) = struct.unpack_from("<H", patched, position + 28)
+        name = bytes(patched[position + 46 : position + 46 + name_length]).decode()
+        if name.endswith(only):
+            struct.pack_into("<H", patched, position + offset, value)
+        position += 4
+    return bytes(patched)
+
+
 def _keras_cases() -> dict[str, tuple[bytes, str, bool]]:
     """name -> (bytes, problem, fails on describe)."""
     seed = SEED_KERAS.read_bytes()
@@ -349,6 +363,17 @@ def _keras_cases() -> dict[str, tuple[bytes, str, bool]]:
             _flip(seed, weights_start + weights_size // 2, 16),
             r"model\.weights\.h5 is corrupted \(CRC-32 mismatch\)",
             False,
+        ),
+        "keras_zip_needs_version_6_4.keras": (
+            # zipfile raises NotImplementedError here, not BadZipFile (found by the fuzzer).
+            _patch_central_directory(seed, 6, 64),
+            r"damaged zip archive \(truncated\?\): zip file version 6\.4",
+            True,
+        ),
+        "keras_config_unknown_compression.keras": (
+            _patch_central_directory(seed, 10, 99, only="config.json"),
+            r"cannot read config\.json: That compression method is not supported",
+            True,
         ),
         "keras_truncated_at_25_percent.keras": (
             seed[: len(seed) // 4],
@@ -547,6 +572,14 @@ def _torch_cases() -> dict[str, tuple[bytes, str]]:
             r"not a readable PyTorch checkpoint",
         ),
         "pt_truncated_zip.pt": (seed[: len(seed) * 6 // 10], r"damaged zip archive"),
+        "pt_zip_needs_version_6_4.pt": (
+            _patch_central_directory(seed, 6, 64),
+            r"damaged zip archive \(truncated\?\): zip file version 6\.4",
+        ),
+        "pt_data_pkl_unknown_compression.pt": (
+            _patch_central_directory(seed, 10, 99, only="data.pkl"),
+            r"not a readable PyTorch checkpoint \(RuntimeError: .*unsupported method",
+        ),
         "pt_without_tensors.pt": (
             _zip_bytes(
                 {

@@ -7,7 +7,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from wwcli.loaders.interface import Checkpoint, LoaderError, read_head
+from wwcli.loaders.interface import ZIP_ERRORS, Checkpoint, LoaderError, read_head
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
@@ -29,7 +29,7 @@ def sniff_format(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError) as error:
+        except ZIP_ERRORS as error:
             raise LoaderError(f"{path}: damaged zip archive (truncated?): {error}") from error
         if "config.json" in names or "model.weights.h5" in names or suffix == ".keras":
             return "keras"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import abc
 import enum
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +19,20 @@ class LoaderError(Exception):
 
     The message is for people: it names the file and says what is wrong, in one line.
     """
+
+
+ZIP_ERRORS: tuple[type[Exception], ...] = (
+    zipfile.BadZipFile,
+    OSError,
+    ValueError,  # UnicodeDecodeError of a member name among others
+    NotImplementedError,  # an unknown "version needed to extract" or compression method
+    RuntimeError,  # an encrypted member
+    EOFError,
+    struct.error,
+    zlib.error,
+)
+"""What the zipfile module raises on a damaged or crafted archive, opening it or reading a member
+(the fuzzer in tests/hostile found NotImplementedError, which BadZipFile does not cover)."""
 
 
 def read_head(path: Path, size: int) -> bytes:

@@ -45,7 +45,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError
+from wwcli.loaders.interface import ZIP_ERRORS, Checkpoint, LayerSpec, LayerType, LoaderError
 
 TIMEOUT_ENV = "WWCLI_HDF5_TIMEOUT"
 IN_PROCESS_ENV = "WWCLI_HDF5_IN_PROCESS"
@@ -444,7 +444,7 @@ def _unpacked_size(path: Path) -> int:
     try:
         with zipfile.ZipFile(path) as archive:
             return max(size, sum(info.file_size for info in archive.infolist()))
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except ZIP_ERRORS:
         return size
 
 

@@ -25,7 +25,14 @@ from wwcli.loaders._statedict import (
     TensorReader,
     matrices_of_tensor,
 )
-from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError, read_head
+from wwcli.loaders.interface import (
+    ZIP_ERRORS,
+    Checkpoint,
+    LayerSpec,
+    LayerType,
+    LoaderError,
+    read_head,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -166,7 +173,7 @@ def _container_kind(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError) as error:
+        except ZIP_ERRORS as error:
             raise LoaderError(f"{path}: damaged zip archive (truncated?): {error}") from error
         if any(name.endswith("/constants.pkl") for name in names):
             return "torchscript"
@@ -208,12 +215,14 @@ def pickle_globals(path: Path, container: str) -> list[str] | None:
     try:
         if container == "zip":
             with zipfile.ZipFile(path) as archive:
-                member = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+                member = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+                if member is None:
+                    return None
                 data = archive.read(member)
             return _scan_pickles(io.BytesIO(data), len(data))
         with path.open("rb") as stream:
             return _scan_pickles(stream, path.stat().st_size)
-    except (OSError, zipfile.BadZipFile, StopIteration):
+    except ZIP_ERRORS:
         return None
 
 
