@@ -485,7 +485,7 @@ def test_bad_files(tmp_path: Path) -> None:
         open_torch(no_tensors)
     with pytest.raises(LoaderError, match="no such file"):
         open_torch(tmp_path / "absent.pt")
-    with pytest.raises(LoaderError, match="cannot read"):
+    with pytest.raises(LoaderError, match="is a directory, not a checkpoint file"):
         open_torch(tmp_path)
 
 

@@ -234,10 +234,11 @@ def _eigenvalues_numpy(
     if not all(np.isfinite(gram).all() for gram in grams):
         # Non-finite weights, or a Gram that overflowed: LAPACK would not converge.
         return [np.full(gram.shape[0], np.nan) for gram in grams]
-    order = grams[0].shape[0]
-    special = min(TWO_STAGE_MIN_ORDER, torch_eigh_min_order or TWO_STAGE_MIN_ORDER)
+    # Same-shape Grams (conv slices) go to syevd in one stacked call, unless they are large
+    # enough for one of the faster solvers of _eigvalsh_numpy, which take one Gram at a time.
+    faster_from = min(TWO_STAGE_MIN_ORDER, torch_eigh_min_order or TWO_STAGE_MIN_ORDER)
     same_shape = len({gram.shape for gram in grams}) == 1
-    if same_shape and len(grams) > 1 and order < special:
+    if same_shape and len(grams) > 1 and grams[0].shape[0] < faster_from:
         stacked = np.linalg.eigvalsh(np.stack(grams))
         return [row.astype(np.float64) for row in stacked]
     return [_eigvalsh_numpy(gram, torch_eigh_min_order) for gram in grams]

@@ -41,6 +41,10 @@ def read_head(path: Path, size: int) -> bytes:
     try:
         with path.open("rb") as stream:
             head = stream.read(size)
+    except FileNotFoundError as error:
+        raise LoaderError(f"{path}: no such file") from error
+    except IsADirectoryError as error:
+        raise LoaderError(f"{path}: is a directory, not a checkpoint file") from error
     except OSError as error:
         raise LoaderError(f"{path}: cannot read: {error.strerror or error}") from error
     if not head:

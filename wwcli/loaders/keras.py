@@ -44,7 +44,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError
+from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError, read_head
 
 CONFIG_MEMBER = "config.json"
 WEIGHTS_MEMBER = "model.weights.h5"
@@ -380,7 +380,7 @@ def open_keras(path: Path) -> Checkpoint:
     Raises LoaderError naming the file and the problem when it is none of these or is damaged.
     """
     path = Path(path)
-    head = _read_head(path)
+    head = read_head(path, 8)
     if head.startswith(_ZIP_SIGNATURES):
         return _open_zip(path)
     if head.startswith(_HDF5_SIGNATURE) or _is_hdf5_with_userblock(path):
@@ -388,21 +388,6 @@ def open_keras(path: Path) -> Checkpoint:
     raise LoaderError(
         f"{path}: not a Keras checkpoint (neither a .keras zip archive nor an HDF5 file)"
     )
-
-
-def _read_head(path: Path) -> bytes:
-    try:
-        with path.open("rb") as file:
-            head = file.read(8)
-    except FileNotFoundError as error:
-        raise LoaderError(f"{path}: no such file") from error
-    except IsADirectoryError as error:
-        raise LoaderError(f"{path}: is a directory, not a Keras file") from error
-    except OSError as error:
-        raise LoaderError(f"{path}: cannot read: {error.strerror or error}") from error
-    if not head:
-        raise LoaderError(f"{path}: empty file")
-    return head
 
 
 def _is_hdf5_with_userblock(path: Path) -> bool:
