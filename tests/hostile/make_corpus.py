@@ -47,6 +47,16 @@ class BadInput:
     so that a failure of the containment cannot take the test runner down with it."""
     slow: bool = False
     """True when refusing it takes seconds (and up to 1 GiB of memory): a slow test."""
+    secret: bytes | None = None
+    """Bytes that `write` puts in a file beside the entry (a marker of a local file or
+    variable the entry tries to leak): they must appear in no output and no report."""
+    memory_limit_mib: int | None = None
+    """When set, wwcli runs in a subprocess under this address-space limit (RLIMIT_AS), so that a
+    failed defence against a memory bomb fails the test instead of exhausting the machine."""
+    max_seconds: float | None = None
+    """When set, refusing the entry must take at most this long (wall clock, whole command)."""
+    environment: dict[str, str] = field(default_factory=dict, compare=False)
+    """Extra environment variables for the run (a secret the entry tries to read back)."""
     write: Callable[[Path], None] = field(default=lambda target: None, compare=False, repr=False)
     """Writes the file (or folder) at the path given."""
 
@@ -727,7 +737,17 @@ def corpus() -> list[BadInput]:
         cases.append(BadInput(name, problem, write=_bytes_writer(content)))
     for name, (content, problem, on_describe) in _keras_cases().items():
         cases.append(BadInput(name, problem, on_describe=on_describe, write=_bytes_writer(content)))
-    return cases + _h5_cases() + _folder_cases()
+    # Classes added later live in modules of their own, one per reader family.
+    from tests.hostile import corpus_hdf5, corpus_inputs, corpus_torch
+
+    return (
+        cases
+        + _h5_cases()
+        + _folder_cases()
+        + corpus_hdf5.cases()
+        + corpus_torch.cases()
+        + corpus_inputs.cases()
+    )
 
 
 def make_corpus(folder: Path) -> list[BadInput]:
@@ -741,6 +761,7 @@ def make_corpus(folder: Path) -> list[BadInput]:
 
 
 def main(argv: list[str]) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for `tests.hostile.*`
     if len(argv) != 1:
         print("usage: python tests/hostile/make_corpus.py OUTPUT_FOLDER", file=sys.stderr)
         return 2

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,21 +54,63 @@ class Outcome:
     stderr: str
 
 
-def _run(args: list[str], *, contained: bool) -> Outcome:
+def _address_space_limit(mib: int) -> Callable[[], None]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (mib * 2**20, mib * 2**20))
+
+    return limit
+
+
+def _run(
+    args: list[str],
+    *,
+    contained: bool,
+    memory_limit_mib: int | None = None,
+    environment: dict[str, str] | None = None,
+) -> Outcome:
     """wwcli in this process (CliRunner), or in a subprocess when the input may take the
-    process down (a crash or hang of the HDF5 library, should the containment fail)."""
-    if not contained:
+    process down (a crash or hang of the HDF5 library, should the containment fail), when it
+    must run under an address-space limit, or with extra environment variables."""
+    if not contained and memory_limit_mib is None and not environment:
         result = runner.invoke(app, args)
         return Outcome(result.exit_code, result.stdout, result.stderr)
-    environment = {**os.environ, "WWCLI_HDF5_TIMEOUT": str(HDF5_TIMEOUT_S)}
+    full_environment = {
+        **os.environ,
+        "WWCLI_HDF5_TIMEOUT": str(HDF5_TIMEOUT_S),
+        **(environment or {}),
+    }
     completed = subprocess.run(
         [sys.executable, "-m", "wwcli", *args],
         capture_output=True,
         text=True,
         timeout=SUBPROCESS_TIMEOUT_S,
-        env=environment,
+        env=full_environment,
+        preexec_fn=None if memory_limit_mib is None else _address_space_limit(memory_limit_mib),
     )
     return Outcome(completed.returncode, completed.stdout, completed.stderr)
+
+
+def _run_case(case: BadInput, args: list[str]) -> Outcome:
+    """Run wwcli on a corpus entry as the entry asks (contained, memory-limited, timed)."""
+    started = time.monotonic()
+    outcome = _run(
+        args,
+        contained=case.crashes_hdf5,
+        memory_limit_mib=case.memory_limit_mib,
+        environment=case.environment,
+    )
+    elapsed = time.monotonic() - started
+    if case.max_seconds is not None:
+        assert elapsed <= case.max_seconds, f"took {elapsed:.1f} s, allowed {case.max_seconds} s"
+    return outcome
+
+
+def _assert_no_secret(case: BadInput, *texts: str | bytes) -> None:
+    if case.secret is None:
+        return
+    for text in texts:
+        data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+        assert case.secret not in data, "the secret marker reached an output"
 
 
 def _assert_refused(outcome: Outcome, case: BadInput, path: Path) -> None:
@@ -107,21 +152,30 @@ def test_analyze_refuses_it_and_leaves_report_files_alone(
     json_file.write_bytes(b'{"earlier": "run"}\n')
     before = {file.name: file.read_bytes() for file in tmp_path.iterdir()}
 
-    outcome = _run(
-        ["analyze", str(path), "--csv", str(csv_file), "--json", str(json_file)],
-        contained=case.crashes_hdf5,
+    outcome = _run_case(
+        case, ["analyze", str(path), "--csv", str(csv_file), "--json", str(json_file)]
     )
 
     _assert_refused(outcome, case, path)
+    _assert_no_secret(case, outcome.stdout, outcome.stderr)
     after = {file.name: file.read_bytes() for file in tmp_path.iterdir()}
     assert after == before  # byte-identical, and no temporary or partial file left beside them
+
+
+@pytest.mark.parametrize("case", _params([case for case in CASES if case.secret is not None]))
+def test_a_leaking_entry_leaks_nothing_even_as_json(case: BadInput, corpus_dir: Path) -> None:
+    path = corpus_dir / case.name
+    outcome = _run_case(case, ["analyze", str(path), "--format", "json", "--exit-zero"])
+    _assert_refused(outcome, case, path)
+    _assert_no_secret(case, outcome.stdout, outcome.stderr)
 
 
 @pytest.mark.parametrize("case", _params([case for case in CASES if case.on_describe]))
 def test_describe_refuses_it(case: BadInput, corpus_dir: Path) -> None:
     path = corpus_dir / case.name
-    outcome = _run(["describe", str(path), "--format", "json"], contained=case.crashes_hdf5)
+    outcome = _run_case(case, ["describe", str(path), "--format", "json"])
     _assert_refused(outcome, case, path)
+    _assert_no_secret(case, outcome.stdout, outcome.stderr)
 
 
 def test_one_bad_file_among_good_ones_is_named_and_no_report_is_written(

@@ -35,6 +35,21 @@ ZIP_ERRORS: tuple[type[Exception], ...] = (
 (the fuzzer in tests/hostile found NotImplementedError, which BadZipFile does not cover)."""
 
 
+MAX_LAYERS = 200_000
+"""The most tensors or layers one checkpoint may list. The largest public models list under
+100,000 tensors (a 256-expert mixture of experts); past this a file is refused, so that a small
+crafted file cannot make listing it take minutes."""
+
+
+def check_layer_count(path: Path, count: int, what: str = "tensors") -> None:
+    """LoaderError when a checkpoint lists more than MAX_LAYERS `what`."""
+    if count > MAX_LAYERS:
+        raise LoaderError(
+            f"{path}: lists {count} {what}, more than the {MAX_LAYERS} wwcli reads "
+            "(a crafted or broken file?)"
+        )
+
+
 def read_head(path: Path, size: int) -> bytes:
     """The first `size` bytes of a file, for telling formats apart; LoaderError when the file
     cannot be read or is empty."""
@@ -125,6 +140,11 @@ class Checkpoint(abc.ABC):
 
         Raises LoaderError when the tensor cannot be read or the layer is not analyzable.
         """
+
+    def source_files(self) -> tuple[Path, ...]:
+        """Every file this checkpoint reads (a folder's index and shards); reports are never
+        written over one of them."""
+        return (self.path,)
 
     def close(self) -> None:  # noqa: B027 - formats without open handles need nothing here
         """Release open files; safe to call twice."""
