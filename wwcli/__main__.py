@@ -1,5 +1,5 @@
 """Entry point for `python -m wwcli`."""
 
-from wwcli.cli import app
+from wwcli.entry import main
 
-app(prog_name="wwcli")
+main()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import os
+import signal
+import stat
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -28,10 +30,12 @@ from rich.progress import (
 
 from wwcli import __version__
 from wwcli.gate import ExitCode, GatePolicy, exit_code, trip_reason
+from wwcli.report.escape import printable
 
 if TYPE_CHECKING:
     from wwcli.engine import EngineOptions
     from wwcli.loaders import LayerSpec
+    from wwcli.loaders.interface import Checkpoint
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 no layer tripped the gate; 1 the gate tripped (a layer with alpha below "
@@ -78,6 +82,21 @@ class Precision(enum.StrEnum):
 
 class UsageError(Exception):
     """A bad option value or combination; reported with exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """SIGTERM handler: stop the run as Ctrl-C does."""
+    raise Terminated()
+
+
+death_signal: int | None = None
+"""Set when the command stopped because of a signal (SIGINT, SIGTERM, SIGPIPE): after clean-up,
+the executable (wwcli/entry.py) dies by that signal, so a shell loop over checkpoints stops as
+it does for any Unix tool."""
 
 
 def _print_version(value: bool) -> None:
@@ -157,11 +176,11 @@ class _Run:
     had_input_error: bool = False
 
     def error(self, message: str) -> None:
-        self.stderr.print(f"wwcli: error: {message}", markup=False, highlight=False)
+        self.stderr.print(f"wwcli: error: {printable(message)}", markup=False, highlight=False)
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.stderr.print(message, markup=False, highlight=False)
+            self.stderr.print(printable(message), markup=False, highlight=False)
 
 
 def _stderr_console() -> Console:
@@ -190,15 +209,26 @@ def _guard(run: _Run) -> Iterator[None]:
     from wwcli.loaders import LoaderError
     from wwcli.selection import SelectionError
 
+    global death_signal
     try:
         yield
     except typer.Exit:
         raise
     except (LoaderError, SelectionError, UsageError) as error:
         _fail(run, str(error), error)
-    except KeyboardInterrupt:
-        run.error("interrupted")
-        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader of stdout went away (`wwcli analyze ... | head -1`): stop quietly, as git
+        # and ruff do; nothing more may be written to that pipe.
+        silence_stdout()
+        death_signal = signal.SIGPIPE
+        raise typer.Exit(128 + signal.SIGPIPE) from None
+    except KeyboardInterrupt as error:
+        signum = signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT
+        run.error("terminated" if signum == signal.SIGTERM else "interrupted")
+        death_signal = signum
+        raise typer.Exit(128 + signum) from None
+    except MemoryError as error:
+        _fail(run, "not enough memory for this run (try fewer --jobs, or --max-evals)", error)
     except Exception as error:
         _fail(
             run,
@@ -206,6 +236,16 @@ def _guard(run: _Run) -> Iterator[None]:
             "traceback, and please report it)",
             error,
         )
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (tests capture stdout)
+        pass
 
 
 def _engine_options(
@@ -237,16 +277,37 @@ def _check_device(options: EngineOptions) -> None:
 
 def _write_atomically(target: Path, text: str) -> None:
     """Write `text` to `target` through a temporary file in the same folder and a rename, so a
-    reader never sees half a file and a failure leaves the old file as it was."""
+    reader never sees half a file and a failure leaves the old file as it was.
+
+    A target that exists and is not a regular file (/dev/null, /dev/stdout, a FIFO) is written
+    in place: renaming over it would replace the device node or pipe. A symbolic link is
+    followed, so the file it points to is replaced and the link stays."""
     target = target.expanduser()
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as error:
+        raise UsageError(f"{target}: cannot write: {error.strerror or error}") from error
+    if mode is not None and not stat.S_ISREG(mode):
+        try:
+            with target.open("w", encoding="utf-8", newline="") as stream:
+                stream.write(text)
+        except OSError as error:
+            raise UsageError(f"{target}: cannot write: {error.strerror or error}") from error
+        return
+    if target.is_symlink():
+        target = Path(os.path.realpath(target))
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         with temporary.open("w", encoding="utf-8", newline="") as stream:
             stream.write(text)
         os.replace(temporary, target)
-    except OSError as error:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
-        raise UsageError(f"{target}: cannot write: {error.strerror or error}") from error
+        if isinstance(error, OSError):
+            raise UsageError(f"{target}: cannot write: {error.strerror or error}") from error
+        raise
 
 
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5", ".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -267,6 +328,18 @@ def _check_output_target(target: Path, inputs: Sequence[Path], option: str) -> N
         raise UsageError(f"{option} {target}: folder {resolved.parent} does not exist")
 
 
+def _check_not_read(targets: Sequence[tuple[Path, str]], checkpoint: Checkpoint) -> None:
+    """Refuse report paths that are one of the files this checkpoint reads (a folder's index or
+    shard), before any of it is analyzed."""
+    read = {Path(os.path.realpath(path)) for path in checkpoint.source_files()}
+    for target, option in targets:
+        if Path(os.path.realpath(target.expanduser())) in read:
+            raise UsageError(
+                f"{option} {target}: refusing to overwrite a file the checkpoint "
+                f"{checkpoint.path} is read from"
+            )
+
+
 @contextmanager
 def _progress(run: _Run, label: str, total: int) -> Iterator[Callable[[LayerSpec], None] | None]:
     """A transient progress bar on stderr when it is a terminal (layer name, n/N, elapsed);
@@ -275,17 +348,17 @@ def _progress(run: _Run, label: str, total: int) -> Iterator[Callable[[LayerSpec
         yield None
         return
     progress = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=run.stderr,
         transient=True,
     )
-    task = progress.add_task(label, total=total)
+    task = progress.add_task(printable(label), total=total)
 
     def advance(spec: LayerSpec) -> None:
-        progress.update(task, advance=1, description=spec.name)
+        progress.update(task, advance=1, description=printable(spec.name))
 
     with progress:
         yield advance
@@ -310,15 +383,15 @@ def describe(
 
       wwcli describe ./hf-model/ --format json
     """
-    from wwcli.loaders import open_checkpoint
-    from wwcli.report.csv import render_csv
-    from wwcli.report.json import Listing, describe_document, render_json
-    from wwcli.report.rows import DESCRIBE_COLUMNS, describe_row
-    from wwcli.report.table import render_describe_table
-    from wwcli.selection import parse_layers, select_layers
-
     run = _Run(debug=debug, quiet=False, stderr=_stderr_console())
     with _guard(run):
+        from wwcli.loaders import open_checkpoint
+        from wwcli.report.csv import render_csv
+        from wwcli.report.json import Listing, describe_document, render_json
+        from wwcli.report.rows import DESCRIBE_COLUMNS, describe_row
+        from wwcli.report.table import render_describe_table
+        from wwcli.selection import parse_layers, select_layers
+
         options = _engine_options(min_evals, max_evals, Device.cpu, Precision.float64)
         terms = parse_layers(layers) if layers is not None else ()
         listings = []
@@ -450,16 +523,16 @@ def analyze(
 
       wwcli analyze run/ckpt-*.keras --fail-below 2 --fail-above 6
     """
-    from wwcli.analysis import CheckpointReport, analyze_checkpoint, default_jobs
-    from wwcli.loaders import LoaderError, open_checkpoint
-    from wwcli.report.csv import render_csv
-    from wwcli.report.json import analyze_document, render_json
-    from wwcli.report.rows import ANALYZE_COLUMNS, analyze_rows
-    from wwcli.report.table import render_analyze_table, summary_lines
-    from wwcli.selection import parse_layers, select_layers
-
     run = _Run(debug=debug, quiet=quiet, stderr=_stderr_console())
     with _guard(run):
+        from wwcli.analysis import CheckpointReport, analyze_checkpoint, default_jobs
+        from wwcli.loaders import LoaderError, open_checkpoint
+        from wwcli.report.csv import render_csv
+        from wwcli.report.json import analyze_document, render_json
+        from wwcli.report.rows import ANALYZE_COLUMNS, analyze_rows
+        from wwcli.report.table import render_analyze_table, summary_lines
+        from wwcli.selection import parse_layers, select_layers
+
         try:
             policy = GatePolicy(
                 fail_below=fail_below if fail_below >= 0 else None,
@@ -472,14 +545,19 @@ def analyze(
         options = _engine_options(min_evals, max_evals, device, precision)
         _check_device(options)
         terms = parse_layers(layers) if layers is not None else ()
-        for target, option in ((csv_file, "--csv"), (json_file, "--json")):
-            if target is not None:
-                _check_output_target(target, paths, option)
+        targets = [
+            (target, option)
+            for target, option in ((csv_file, "--csv"), (json_file, "--json"))
+            if target is not None
+        ]
+        for target, option in targets:
+            _check_output_target(target, paths, option)
 
         reports: list[CheckpointReport] = []
         for path in paths:
             try:
                 with open_checkpoint(path, trust_pickle=trust_pickle) as checkpoint:
+                    _check_not_read(targets, checkpoint)
                     specs = checkpoint.layers()
                     chosen = select_layers(specs, terms) if terms else specs
                     with _progress(run, str(path), len(chosen)) as advance:
@@ -537,8 +615,11 @@ def analyze(
                 reason = trip_reason(result, policy)
                 if reason is not None and not policy.exit_zero:
                     run.stderr.print(
-                        f"gate: {report.checkpoint}: layer {result.spec.layer_id} "
-                        f"{result.spec.name}: {reason}",
+                        printable(
+                            f"gate: {report.checkpoint}: layer {result.spec.layer_id} "
+                            f"{result.spec.name}: {reason}"
+                        ),
                         markup=False,
+                        highlight=False,
                     )
         raise typer.Exit(code)

@@ -1,4 +1,5 @@
-"""CSV output: a header, then one row per layer; floats round-trip, NaN is an empty cell."""
+"""CSV output: a header, then one row per layer; floats round-trip, NaN is an empty cell. Names
+are kept exactly (the csv module quotes newlines), except lone surrogates, written as escapes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 
+from wwcli.report.escape import encodable
 from wwcli.report.rows import Row, Value
 
 
@@ -16,7 +18,7 @@ def _cell(value: Value) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)
-    return str(value)
+    return encodable(str(value))
 
 
 def render_csv(rows: Iterable[Row], columns: Sequence[str]) -> str:
