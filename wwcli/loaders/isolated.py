@@ -14,8 +14,15 @@ a deadline:
 - no answer before the deadline         -> the helper is killed; "HDF5 library hung ..."
 
 Either way a fresh helper serves the next file. On Linux the helper's address space is capped
-(`RLIMIT_AS`) at what it uses plus 1 GiB plus 4 times the file's size, so a file whose metadata
-makes HDF5 allocate without end fails quickly instead of exhausting the machine's memory.
+(`RLIMIT_AS`) at what it uses plus 1 GiB plus 4 times the HDF5 bytes it reads (the file, or a
+`.keras` file's weights member once unpacked: real sizes, never what a zip directory claims),
+and never above the machine's physical memory, so a file whose metadata makes HDF5 allocate
+without end fails quickly instead of exhausting the machine's memory.
+
+The helper holds nothing of the user's: it starts with a minimal environment (`_helper_environment`:
+no tokens or keys a file could read back through /proc/self/environ), dies with the process that
+started it (Linux `PR_SET_PDEATHSIG`, so a SIGTERM or SIGKILL of wwcli cannot leave it spinning
+in a hung HDF5 call), and `stop_helpers()` kills it at once, for signal handlers.
 
 Requests and replies are length-prefixed JSON; matrices follow as raw bytes of an allow-listed
 little-endian float dtype: nothing from the helper is ever unpickled.
@@ -45,7 +52,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from wwcli.loaders.interface import ZIP_ERRORS, Checkpoint, LayerSpec, LayerType, LoaderError
+from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError
 
 TIMEOUT_ENV = "WWCLI_HDF5_TIMEOUT"
 IN_PROCESS_ENV = "WWCLI_HDF5_IN_PROCESS"
@@ -64,6 +71,44 @@ _FRAME = struct.Struct("<Q")
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8"})
 """What the helper may send a matrix as (numpy's names)."""
+
+
+_KEPT_VARIABLES = frozenset(
+    {
+        # Finding programs, libraries and the user's site-packages (`pip install --user`).
+        "PATH",
+        "HOME",
+        "LD_LIBRARY_PATH",
+        # Text: how names in messages are encoded.
+        "LANG",
+        "LANGUAGE",
+        # Where the unpacked copy of a deflated weights member goes.
+        "TMPDIR",
+        "TEMP",
+        "TMP",
+        # Python's own settings: how the helper finds wwcli, numpy and h5py.
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONNOUSERSITE",
+        "PYTHONUSERBASE",
+        "PYTHONSAFEPATH",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONPYCACHEPREFIX",
+        "PYTHONUTF8",
+        "PYTHONIOENCODING",
+        # HDF5 refuses to open files on some network file systems without this.
+        "HDF5_USE_FILE_LOCKING",
+        "SYSTEMROOT",
+    }
+)
+_KEPT_PREFIXES = ("LC_", "WWCLI_")
+"""What the helper process inherits of wwcli's environment; nothing else (no AWS_*, *_TOKEN,
+SSH_AUTH_SOCK, ...): a crafted file that still got the helper to read its own environment
+would find nothing worth taking."""
+
+PARENT_OPTION = "--parent"
+"""`python -m wwcli.loaders.isolated --parent PID [--die-with-parent]`"""
+DIE_WITH_PARENT_OPTION = "--die-with-parent"
 
 
 def in_process() -> bool:
@@ -158,6 +203,11 @@ class IsolatedCheckpoint(Checkpoint):
             )
         except _HelperError as failure:
             raise LoaderError(str(failure)) from failure.__cause__
+        except MemoryError as error:
+            # The helper was stopped (the pipe holds half an answer); the run goes on.
+            raise LoaderError(
+                f"{self.path}: ran out of memory receiving {what} from the HDF5 reader process"
+            ) from error
         self._first_read = False
         for matrix in arrays:
             if sorted(matrix.shape) != sorted((layer.M, layer.N)):
@@ -205,6 +255,21 @@ def _spec_from_json(fields: object) -> LayerSpec:
 # --- The main process's side ---------------------------------------------------------------------
 
 
+def _helper_environment() -> dict[str, str]:
+    """The helper's environment: what Python, numpy and h5py need (`_KEPT_VARIABLES`) and
+    wwcli's own settings, with the helper's fixed settings on top."""
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name in _KEPT_VARIABLES or name.startswith(_KEPT_PREFIXES)
+    }
+    environment["PYTHONFAULTHANDLER"] = "1"  # a crash leaves its stack on stderr, for --debug
+    # The helper does no arithmetic: one BLAS thread keeps its address space small.
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        environment[variable] = "1"
+    return environment
+
+
 class _HelperError(Exception):
     """The helper crashed, hung or broke the protocol; the message is the user's error line."""
 
@@ -231,17 +296,17 @@ class _Worker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker
-        environment = dict(os.environ)
-        environment["PYTHONFAULTHANDLER"] = "1"  # a crash leaves its stack on stderr, for --debug
-        # The helper does no arithmetic: one BLAS thread keeps its address space small.
-        for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            environment[variable] = "1"
+        command = [sys.executable, "-m", "wwcli.loaders.isolated", PARENT_OPTION, str(os.getpid())]
+        # Linux sends the death signal when the *thread* that started the helper ends: only the
+        # main thread lives as long as the process.
+        if threading.current_thread() is threading.main_thread():
+            command.append(DIE_WITH_PARENT_OPTION)
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "wwcli.loaders.isolated"],
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
-            env=environment,
+            env=_helper_environment(),
             close_fds=True,
         )
         self.alive = True
@@ -421,6 +486,17 @@ def helper_pid() -> int | None:
         return _worker.pid if _worker is not None and _worker.alive else None
 
 
+def stop_helpers() -> None:
+    """Kill the running helper now, without waiting for it or taking a lock: safe in a signal
+    handler (SIGTERM, SIGINT) that then ends wwcli. The helper also dies by itself when wwcli
+    ends (PR_SET_PDEATHSIG), but a handler that exits cleanly should not rely on that alone."""
+    worker = _worker
+    if worker is not None and worker.alive:
+        worker.alive = False
+        with contextlib.suppress(OSError):
+            os.kill(worker.pid, signal.SIGKILL)
+
+
 @atexit.register
 def _stop_shared_worker() -> None:
     with _worker_lock:
@@ -436,34 +512,47 @@ def _write_message(replies: IO[bytes], message: dict[str, Any]) -> None:
     replies.write(_FRAME.pack(len(data)) + data)
 
 
-def _unpacked_size(path: Path) -> int:
-    """The file's size, or for a zip (a `.keras`) the size of its members once unpacked."""
-    import zipfile
-
-    size = path.stat().st_size
+def _physical_memory() -> int | None:
     try:
-        with zipfile.ZipFile(path) as archive:
-            return max(size, sum(info.file_size for info in archive.infolist()))
-    except ZIP_ERRORS:
-        return size
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError):
+        return None
 
 
-def _cap_memory(path: Path) -> None:
-    """Cap this process's address space at its current size + 1 GiB + 4 x the (unpacked) file
-    (Linux): reading needs a layer in at most three copies, and no layer outgrows its file."""
-    if not sys.platform.startswith("linux"):
+def _in_use() -> int | None:
+    """This process's address space now (Linux), in bytes."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[0]) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def memory_cap(in_use: int, hdf5_bytes: int) -> int:
+    """The address-space cap for reading `hdf5_bytes` of HDF5 data: what the process uses, plus
+    1 GiB, plus 4 times the data (reading needs a layer in at most three copies, and no layer
+    outgrows its file); never above the machine's physical memory (nor below what is in use +
+    1 GiB), so any size, however crafted, gives a cap setrlimit takes."""
+    limit = in_use + MEMORY_HEADROOM_BYTES + 4 * max(0, hdf5_bytes)
+    physical = _physical_memory()
+    if physical is not None:
+        limit = min(limit, max(physical, in_use + MEMORY_HEADROOM_BYTES))
+    return limit
+
+
+def _cap_memory(in_use: int | None, hdf5_bytes: int) -> None:
+    """Set RLIMIT_AS to memory_cap (Linux; never above the hard limit)."""
+    if in_use is None or not sys.platform.startswith("linux"):
         return
     import resource
 
     try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            in_use = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        limit = in_use + MEMORY_HEADROOM_BYTES + 4 * _unpacked_size(path)
+        limit = memory_cap(in_use, hdf5_bytes)
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    except (OSError, ValueError):
+    except (OSError, ValueError, OverflowError):
         pass  # no cap is better than no reading
 
 
@@ -475,8 +564,13 @@ def _answer(message: dict[str, Any], checkpoints: dict[int, Checkpoint]) -> dict
     if op == "open":
         os.chdir(message["cwd"])
         path = Path(message["path"])
-        _cap_memory(path)
+        in_use = _in_use()
+        # Listing reads metadata only: the file's own size bounds it. Reading layers may then
+        # need the unpacked weights member (real bytes, on disk now) in up to three copies.
+        file_size = path.stat().st_size if path.is_file() else 0
+        _cap_memory(in_use, file_size)
         checkpoint = open_keras(path)
+        _cap_memory(in_use, max(file_size, int(getattr(checkpoint, "hdf5_size", 0))))
         handle = max(checkpoints, default=0) + 1
         checkpoints[handle] = checkpoint
         return {
@@ -547,16 +641,46 @@ def _sendable(matrix: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(matrix, dtype="<f8")
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have Linux kill this process when its parent ends (PR_SET_PDEATHSIG), and end now if the
+    parent already has (then this process was handed to another, and no signal will come)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(3)
+
+
+def _parse_arguments(arguments: list[str]) -> tuple[int | None, bool]:
+    """(parent pid, die with it) from `--parent PID [--die-with-parent]`."""
+    parent = None
+    if PARENT_OPTION in arguments:
+        with contextlib.suppress(IndexError, ValueError):
+            parent = int(arguments[arguments.index(PARENT_OPTION) + 1])
+    return parent, DIE_WITH_PARENT_OPTION in arguments
+
+
 def main() -> None:
     """The helper's entry point: requests on stdin, replies on the original stdout."""
+    parent, die_with_parent = _parse_arguments(sys.argv[1:])
+    if parent is not None and die_with_parent:
+        _die_with_parent(parent)
     # Ctrl-C is the main process's to handle; this process ends when its stdin closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     # Whatever a library prints goes to stderr, never into the replies.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    import h5py  # noqa: F401 - imported before the greeting, so no deadline pays for it
+    from wwcli.loaders.keras import empty_folder
 
-    import wwcli.loaders.keras  # noqa: F401
+    # Second guard behind the refusal of external storage, links and virtual datasets: HDF5
+    # looks for the files their relative names point to in an empty folder.
+    for variable in ("HDF5_EXTFILE_PREFIX", "HDF5_VDS_PREFIX", "HDF5_EXT_PREFIX"):
+        os.environ[variable] = empty_folder()
+    import h5py  # noqa: F401 - imported before the greeting, so no deadline pays for it
 
     _write_message(replies, {"ready": True})
     replies.flush()

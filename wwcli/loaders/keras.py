@@ -19,6 +19,15 @@ Where the weights are (Keras 3.15, `keras/src/saving/saving_lib.py`):
   paths below it, trainable first (Keras 3: `sequential/dense/kernel`; tf-keras 2:
   `dense/kernel:0`).
 
+Nothing is read from outside the file either. HDF5 lets a dataset take its bytes from any other
+file (external raw storage, virtual datasets) and lets a link point into another file (external
+links): a crafted "layer" could hold /proc/self/environ or a private key, and its eigenvalues
+would end up in the report. Opening a file therefore walks every link and every dataset once
+(`_check_self_contained`) and refuses any of these, naming it; datasets are opened with HDF5's
+external-file and virtual-dataset prefixes set to an empty folder as a second guard. A layer
+tensor whose logical size is far above the bytes the file stores (never written, or compressed
+more than `_BOMB_RATIO` times) is refused too, so a small file cannot ask for gigabytes.
+
 Layer ids follow weightwatcher 0.7.7 on `keras.models.load_model(path)`: the index in
 `model.layers`, every layer consuming one (a Functional model's InputLayer is layer 0; a
 Sequential model's InputLayer is not in `model.layers`). Unlike weightwatcher, which gives a
@@ -28,11 +37,12 @@ nested sub-model one id and never looks inside it, wwcli numbers the sub-model's
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import io
 import json
 import re
-import shutil
 import struct
 import tempfile
 import zipfile
@@ -44,7 +54,15 @@ from typing import IO, Any
 
 import numpy as np
 
-from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError, read_head
+from wwcli.loaders.interface import (
+    MAX_LAYERS,
+    Checkpoint,
+    LayerSpec,
+    LayerType,
+    LoaderError,
+    check_layer_count,
+    read_head,
+)
 
 CONFIG_MEMBER = "config.json"
 WEIGHTS_MEMBER = "model.weights.h5"
@@ -53,6 +71,20 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _MAX_CONFIG_BYTES = 256 * 1024 * 1024
+_ZIP_BOMB_BYTES = 1 << 32
+_ZIP_BOMB_RATIO = 100
+"""A zip member that claims to unpack to more than _ZIP_BOMB_BYTES *and* more than
+_ZIP_BOMB_RATIO times its packed size is refused (the bound keras applies)."""
+_BOMB_RATIO = 100
+_BOMB_MIN_BYTES = 16 * 1024 * 1024
+"""A layer tensor of more than _BOMB_MIN_BYTES whose logical size is more than _BOMB_RATIO times
+the bytes the file stores for it is refused. Float weights compress 1.1-1.5x with gzip or lzf
+(4x for heavily quantized values): 100x is far above any real layer and far below what gzip
+(1000x on constant data) or a never-written dataset (infinite) gives. Under 16 MiB (a 2048 x
+2048 float32 matrix, seconds of work) anything goes, so small all-zero test layers still work."""
+MAX_HDF5_LINKS = 5 * MAX_LAYERS
+"""The most links (and datasets) one HDF5 file may hold: about 5 per layer (its group, `vars`,
+kernel, bias, ...) for MAX_LAYERS layers. Walking them all takes seconds at most."""
 
 _NESTED_MODEL_CLASSES = frozenset({"Sequential", "Functional", "Model"})
 _WEIGHT_BEARING_TYPES = frozenset(
@@ -243,10 +275,14 @@ class KerasCheckpoint(Checkpoint):
         ids_note: str | None = None,
         handles: tuple[Any, ...] = (),
         unverified: _StoredMember | None = None,
+        hdf5_size: int = 0,
     ) -> None:
         self.path = path
         self.format = format_name
         self.ids_note = ids_note
+        self.hdf5_size = hdf5_size
+        """Bytes of HDF5 data this checkpoint reads (a `.keras` file's unpacked weights member):
+        no layer is larger, so the helper process sizes its memory cap by it."""
         self._h5 = h5file
         self._handles = handles
         self._unverified = unverified
@@ -261,7 +297,7 @@ class KerasCheckpoint(Checkpoint):
             dtype = ""
             if entry.tensor is not None:
                 with _reading(self.path, f"the weights of layer {entry.name!r}"):
-                    dataset = self._h5[entry.tensor]
+                    dataset = _open_dataset(self.path, self._h5, entry.tensor)
                     shape = tuple(int(side) for side in dataset.shape)
                     dtype = _dtype_name(dataset)
                 self._tensors[layer_id] = entry.tensor
@@ -316,7 +352,7 @@ class KerasCheckpoint(Checkpoint):
             )
         self._verify_weights_member()
         with _reading(self.path, f"the weights of layer {layer.name!r}"):
-            dataset = self._h5[tensor]
+            dataset = _open_dataset(self.path, self._h5, tensor)
             weights = np.asarray(dataset[()])
             if _dtype_name(dataset) == "bfloat16":
                 weights = _bfloat16_to_float32(weights)
@@ -372,6 +408,125 @@ def _bfloat16_to_float32(weights: np.ndarray) -> np.ndarray:
     # bfloat16 is the upper half of a float32: widening is exact.
     bits = np.ascontiguousarray(weights).view(np.uint16).astype(np.uint32) << 16
     return bits.view(np.float32)
+
+
+# --- HDF5: nothing from outside the file, no data that is not stored -----------------------------
+
+
+@functools.cache
+def empty_folder() -> str:
+    """An empty folder of this process (removed at exit): where HDF5 looks for the files that
+    relative external-storage, virtual-dataset and external-link names point to."""
+    folder = tempfile.mkdtemp(prefix="wwcli-no-external-files-")
+    atexit.register(_remove_folder, folder)
+    return folder
+
+
+def _remove_folder(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        Path(folder).rmdir()
+
+
+def _check_self_contained(path: Path, h5file: Any, what: str) -> None:
+    """Refuse a file that reaches outside itself: an external link (or a link of a kind HDF5
+    does not define) anywhere, a dataset anywhere with external raw storage or a virtual layout.
+
+    Visits each link once and each object once, whatever hard links make of the tree (HDF5's
+    own visits keep track of the objects seen), without following soft or external links; a soft
+    link that leads outside goes through an external link, which is refused where it is.
+    """
+    h5py = _h5py()
+    inside = (h5py.h5l.TYPE_HARD, h5py.h5l.TYPE_SOFT)
+    counted = 0
+    refusal: list[str] = []
+
+    def link(name: bytes, info: Any) -> object:
+        nonlocal counted
+        counted += 1
+        where = "/" + name.decode("utf-8", "replace")
+        if counted > MAX_HDF5_LINKS:
+            refusal.append(f"holds more than {MAX_HDF5_LINKS} links (a crafted file?)")
+        elif info.type == h5py.h5l.TYPE_EXTERNAL:
+            refusal.append(
+                f"{where} is an external link (to another file), which wwcli never follows"
+            )
+        elif info.type not in inside:
+            refusal.append(
+                f"{where} is a link of unknown type {info.type}, which wwcli never follows"
+            )
+        return True if refusal else None
+
+    datasets: list[bytes] = []
+
+    def item(name: bytes, info: Any) -> object:
+        if info.type == h5py.h5o.TYPE_DATASET:
+            datasets.append(name)
+        return None
+
+    with _reading(path, what):
+        h5file.id.links.visit(link, info=True)
+        if refusal:
+            raise LoaderError(f"{path}: {refusal[0]}")
+        h5py.h5o.visit(h5file.id, item, info=True)
+        for name in datasets:
+            _check_data_inside(
+                path, "/" + name.decode("utf-8", "replace"), _dataset_id(h5file, name)
+            )
+
+
+def _dataset_id(h5file: Any, name: bytes) -> Any:
+    """A dataset opened with the external-file and virtual-dataset prefixes set to an empty
+    folder, so that no relative name in it can reach a file (absolute ones are refused by
+    _check_data_inside before any byte is read)."""
+    h5py = _h5py()
+    access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    folder = empty_folder().encode()
+    access.set_efile_prefix(folder)
+    access.set_virtual_prefix(folder)
+    return h5py.h5d.open(h5file.id, name, dapl=access)
+
+
+def _check_data_inside(path: Path, name: str, dataset_id: Any) -> None:
+    h5py = _h5py()
+    plist = dataset_id.get_create_plist()
+    if plist.get_layout() == h5py.h5d.VIRTUAL:
+        reason = "a virtual dataset"
+    elif plist.get_external_count() > 0:
+        reason = "external raw storage"
+    else:
+        return
+    raise LoaderError(
+        f"{path}: dataset {name} takes its data from outside the file ({reason}), which wwcli "
+        "never reads"
+    )
+
+
+def _check_stored_size(path: Path, name: str, dataset_id: Any) -> None:
+    """Refuse a tensor whose logical size is far above the bytes the file stores for it."""
+    logical = int(dataset_id.get_space().get_simple_extent_npoints()) * int(
+        dataset_id.get_type().get_size()
+    )
+    stored = int(dataset_id.get_storage_size())
+    if logical <= _BOMB_MIN_BYTES or logical <= _BOMB_RATIO * stored:
+        return
+    if stored == 0:
+        raise LoaderError(
+            f"{path}: dataset {name} was never written: its {logical} bytes would all be its "
+            "fill value (a crafted file?)"
+        )
+    raise LoaderError(
+        f"{path}: dataset {name} expands from {stored} stored bytes to {logical}, more than "
+        f"{_BOMB_RATIO} times: refusing a likely decompression bomb"
+    )
+
+
+def _open_dataset(path: Path, h5file: Any, name: str) -> Any:
+    """A layer's tensor, checked: its data is in the file, and stored rather than implied."""
+    dataset_id = _dataset_id(h5file, name.encode())
+    shown = name if name.startswith("/") else f"/{name}"
+    _check_data_inside(path, shown, dataset_id)
+    _check_stored_size(path, shown, dataset_id)
+    return _h5py().Dataset(dataset_id)
 
 
 def open_keras(path: Path) -> Checkpoint:
@@ -433,6 +588,7 @@ def _open_zip(path: Path) -> Checkpoint:
             ids_note=ids_note,
             handles=(member, archive, raw),
             unverified=stored,
+            hdf5_size=member.seek(0, io.SEEK_END),
         )
     except BaseException:
         _close_all(reversed(handles))
@@ -446,12 +602,29 @@ def _close_all(handles: Any) -> None:
             handle.close()
 
 
+def _check_member_size(path: Path, info: zipfile.ZipInfo) -> None:
+    """Refuse a member that claims to expand like a zip bomb (the bound keras itself applies:
+    over 4 GiB and over 100 times its stored size), before a byte of it is unpacked."""
+    if info.file_size > max(_ZIP_BOMB_BYTES, _ZIP_BOMB_RATIO * info.compress_size):
+        raise LoaderError(
+            f"{path}: {info.filename} would unpack from {info.compress_size} to "
+            f"{info.file_size} bytes: refusing a likely decompression bomb"
+        )
+
+
 def _read_config(path: Path, archive: zipfile.ZipFile) -> Any:
     info = archive.getinfo(CONFIG_MEMBER)
+    _check_member_size(path, info)
     if info.file_size > _MAX_CONFIG_BYTES:
         raise LoaderError(f"{path}: {CONFIG_MEMBER} is implausibly large ({info.file_size} bytes)")
-    with _reading(path, CONFIG_MEMBER):
-        text = archive.read(CONFIG_MEMBER)
+    with _reading(path, CONFIG_MEMBER), archive.open(info) as member:
+        # zipfile stops at the declared size (and checks the CRC-32 there); never read more.
+        text = member.read(info.file_size + 1)
+    if len(text) != info.file_size:
+        raise LoaderError(
+            f"{path}: {CONFIG_MEMBER} unpacks to {len(text)} bytes, not the {info.file_size} "
+            "its zip entry declares"
+        )
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as error:
@@ -463,36 +636,27 @@ def _weights_member(
     path: Path, raw: io.BufferedIOBase, info: zipfile.ZipInfo, archive: zipfile.ZipFile
 ) -> tuple[IO[bytes], _StoredMember | None]:
     """A seekable file for model.weights.h5: a view into the zip when the member is stored (as
-    keras writes it), else an unpacked temporary copy (whose CRC zipfile checks while copying)."""
+    keras writes it), else an unpacked temporary copy, whose size and CRC-32 are checked while
+    it is unpacked."""
     if info.flag_bits & 0x1:
         raise LoaderError(f"{path}: {WEIGHTS_MEMBER} is encrypted")
+    _check_member_size(path, info)
+    start = _member_start(path, raw, info)
     if info.compress_type == zipfile.ZIP_STORED:
-        with _reading(path, f"the zip entry of {WEIGHTS_MEMBER}"):
-            raw.seek(info.header_offset)
-            header = raw.read(_LOCAL_HEADER.size)
-            if len(header) < _LOCAL_HEADER.size:
-                raise LoaderError(f"{path}: truncated file ({WEIGHTS_MEMBER} entry is cut off)")
-            fields = _LOCAL_HEADER.unpack(header)
-        signature, name_length, extra_length = fields[0], fields[9], fields[10]
-        if signature != b"PK\x03\x04":
-            raise LoaderError(f"{path}: corrupted zip entry for {WEIGHTS_MEMBER}")
-        start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
-        end = raw.seek(0, io.SEEK_END)
-        if start + info.compress_size > end:
-            raise LoaderError(f"{path}: truncated file ({WEIGHTS_MEMBER} is cut off)")
+        if info.file_size != info.compress_size:
+            raise LoaderError(
+                f"{path}: the zip entry of {WEIGHTS_MEMBER} declares {info.file_size} bytes but "
+                f"stores {info.compress_size}"
+            )
         view = io.BufferedReader(_ByteRange(raw, start, info.file_size), buffer_size=1 << 16)
         return view, _StoredMember(raw, start, info.file_size, info.CRC)
-    # A deflated member is unpacked to disk; refuse one that claims to expand like a zip bomb
-    # (the bound keras itself applies: over 4 GiB and over 100 times its stored size).
-    if info.file_size > max(1 << 32, 100 * info.compress_size):
-        raise LoaderError(
-            f"{path}: {WEIGHTS_MEMBER} would unpack from {info.compress_size} to "
-            f"{info.file_size} bytes: refusing a likely decompression bomb"
-        )
     copy = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the checkpoint, closed by it
     try:
-        with _reading(path, WEIGHTS_MEMBER), archive.open(info) as member:
-            shutil.copyfileobj(member, copy, 1 << 22)
+        with _reading(path, WEIGHTS_MEMBER):
+            if info.compress_type == zipfile.ZIP_DEFLATED:
+                _inflate(path, raw, info, start, copy)
+            else:
+                _unpack_with_zipfile(path, archive, info, copy)
         copy.seek(0)
     except BaseException:
         copy.close()
@@ -500,14 +664,103 @@ def _weights_member(
     return copy, None
 
 
+def _member_start(path: Path, raw: io.BufferedIOBase, info: zipfile.ZipInfo) -> int:
+    """Offset of a member's first packed byte, from its local header; checks it is in the file."""
+    with _reading(path, f"the zip entry of {info.filename}"):
+        raw.seek(info.header_offset)
+        header = raw.read(_LOCAL_HEADER.size)
+        if len(header) < _LOCAL_HEADER.size:
+            raise LoaderError(f"{path}: truncated file ({info.filename} entry is cut off)")
+        fields = _LOCAL_HEADER.unpack(header)
+        end = raw.seek(0, io.SEEK_END)
+    signature, name_length, extra_length = fields[0], fields[9], fields[10]
+    if signature != b"PK\x03\x04":
+        raise LoaderError(f"{path}: corrupted zip entry for {info.filename}")
+    start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    if start + info.compress_size > end:
+        raise LoaderError(f"{path}: truncated file ({info.filename} is cut off)")
+    return int(start)
+
+
+def _oversized(path: Path, info: zipfile.ZipInfo) -> LoaderError:
+    return LoaderError(
+        f"{path}: {info.filename} unpacks to more than the {info.file_size} bytes its zip entry "
+        "declares"
+    )
+
+
+def _inflate(
+    path: Path, raw: io.BufferedIOBase, info: zipfile.ZipInfo, start: int, copy: IO[bytes]
+) -> None:
+    """Unpack a deflated member into `copy`, never writing more than the size its directory
+    entry declares (the memory cap and the bomb rule trust that size), then check the CRC-32.
+
+    zipfile would silently cut a longer stream at the declared size; here that is an error.
+    """
+    decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+    raw.seek(start)
+    left = info.compress_size
+    written = 0
+    crc = 0
+    while left > 0 and not decompressor.eof:
+        packed = raw.read(min(left, 1 << 16))
+        if not packed:
+            raise LoaderError(f"{path}: truncated file ({info.filename} is cut off)")
+        left -= len(packed)
+        while packed and not decompressor.eof:
+            # At most one byte past the declared size per step: enough to tell it lies.
+            data = decompressor.decompress(packed, info.file_size - written + 1)
+            packed = decompressor.unconsumed_tail
+            written += len(data)
+            if written > info.file_size:
+                raise _oversized(path, info)
+            crc = zlib.crc32(data, crc)
+            copy.write(data)
+            if not data and packed:
+                break  # cannot happen for a valid stream; zlib needs more input
+    if not decompressor.eof:
+        raise LoaderError(f"{path}: {info.filename} is truncated or corrupted (deflate stream)")
+    if written != info.file_size:
+        raise LoaderError(
+            f"{path}: {info.filename} unpacks to {written} bytes, not the {info.file_size} its "
+            "zip entry declares"
+        )
+    if crc != info.CRC:
+        raise LoaderError(f"{path}: {info.filename} is corrupted (CRC-32 mismatch)")
+
+
+def _unpack_with_zipfile(
+    path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, copy: IO[bytes]
+) -> None:
+    """Other compressions (bzip2, lzma): zipfile stops at the declared size and checks the CRC;
+    a member that ends early is an error here."""
+    written = 0
+    with archive.open(info) as member:
+        while chunk := member.read(1 << 22):
+            written += len(chunk)
+            copy.write(chunk)
+    if written != info.file_size:
+        raise LoaderError(
+            f"{path}: {info.filename} unpacks to {written} bytes, not the {info.file_size} its "
+            "zip entry declares"
+        )
+
+
 def _open_h5(path: Path, source: Any, what: str) -> Any:
+    """The HDF5 file, once checked to read nothing from outside itself."""
     try:
-        return _h5py().File(source, "r")
+        h5file = _h5py().File(source, "r")
     except _READ_ERRORS as error:
         detail = " ".join(str(error).split())
         if "truncated" in detail:
             raise LoaderError(f"{path}: truncated file ({what}: {detail})") from error
         raise LoaderError(f"{path}: {what} is not a readable HDF5 file ({detail})") from error
+    try:
+        _check_self_contained(path, h5file, what)
+    except BaseException:
+        _close_all([h5file])
+        raise
+    return h5file
 
 
 def _model_layers(path: Path, model: Any, where: str) -> list[Any]:
@@ -564,9 +817,27 @@ def _layers_of_keras3(
             "model): layers are numbered in the order the weights file stores them, which need "
             "not be weightwatcher's ids for the model"
         )
+    check_layer_count(path, _config_layer_count(config), "layers")
     found: list[_Found] = []
     _walk_keras3(path, h5file, config, segment, "", found)
     return found, None
+
+
+def _config_layer_count(model: Any) -> int:
+    """How many layers a model config lists, those of its nested models included, counted
+    before any is looked up in the weights file, so that a config listing a million layers is
+    refused at once rather than after minutes of lookups. Stops counting past MAX_LAYERS."""
+    count = 0
+    pending = [model]
+    while pending and count <= MAX_LAYERS:
+        config = pending.pop().get("config")
+        layers = config.get("layers") if isinstance(config, dict) else None
+        if not isinstance(layers, list):
+            continue
+        count += len(layers)
+        if count <= MAX_LAYERS:
+            pending += [layer for layer in layers if isinstance(layer, dict)]
+    return count
 
 
 def _layers_segment(h5file: Any) -> str:
@@ -619,7 +890,12 @@ optimizer's state."""
 
 
 def _saved_layers(
-    path: Path, h5file: Any, group_path: str, prefix: str, raw: _RawBytes
+    path: Path,
+    h5file: Any,
+    group_path: str,
+    prefix: str,
+    raw: _RawBytes,
+    walked: dict[int, str] | None = None,
 ) -> list[_Found]:
     """Every layer saved below `group_path` of a weights file, depth first, each group's children
     in the order keras created them (that is the order of `model.layers`).
@@ -629,11 +905,28 @@ def _saved_layers(
     child is a saved object (layer or model); one without is a list of them (`layers`). A model,
     or a layer made of sublayers, is replaced by its sublayers; its own variables, if any, make
     it a layer of its own too.
+
+    Each group is walked once (`walked`: object address -> the path it was walked at): a group
+    linked twice, which keras never writes, would make the walk exponential (a DAG of hard
+    links) or endless (a cycle), so it is refused; so are more than MAX_LAYERS groups.
     """
     h5py = _h5py()
     found: list[_Found] = []
+    walked = {} if walked is None else walked
     with _reading(path, f"the weights file's group {group_path or '/'}"):
         group = h5file[group_path or "/"]
+        address = int(h5py.h5o.get_info(group.id).addr)
+        if address in walked:
+            raise LoaderError(
+                f"{path}: group /{group_path} is also linked as /{walked[address]}: a link cycle "
+                "or a shared group, which keras never writes"
+            )
+        walked[address] = group_path
+        if len(walked) > MAX_LAYERS or len(group) > MAX_LAYERS:
+            raise LoaderError(
+                f"{path}: the weights file lists more than {MAX_LAYERS} layers, more than wwcli "
+                "reads (a crafted or broken file?)"
+            )
         skipped = _NOT_LAYERS if not group_path else {"vars"}
         keys = [key for key in group if key not in skipped and isinstance(group[key], h5py.Group)]
         order = _creation_order(h5file, group_path or "/", raw)
@@ -643,11 +936,11 @@ def _saved_layers(
             child_path = f"{group_path}/{key}" if group_path else key
             child = h5file[child_path]
             if not isinstance(child.get("vars"), h5py.Group):
-                found += _saved_layers(path, h5file, child_path, prefix, raw)
+                found += _saved_layers(path, h5file, child_path, prefix, raw, walked)
                 continue
             name = _stored_name(child) or key
             tensor = _first_variable(path, h5file, child_path)
-            inner = _saved_layers(path, h5file, child_path, f"{prefix}{name}/", raw)
+            inner = _saved_layers(path, h5file, child_path, f"{prefix}{name}/", raw, walked)
             if tensor is not None or not inner:
                 # The group name is the class in snake case for a layer of a model's list, but
                 # an attribute name in a subclassed model: then the layer's name tells more.
@@ -791,6 +1084,7 @@ def _address(h5file: Any, name: str) -> int:
 def _open_hdf5(path: Path) -> Checkpoint:
     h5file = _open_h5(path, str(path), "the file")
     try:
+        size = path.stat().st_size
         with _reading(path, "the HDF5 file"):
             attributes = h5file.attrs
             model_config = attributes.get("model_config")
@@ -802,17 +1096,23 @@ def _open_hdf5(path: Path) -> Checkpoint:
                 raise LoaderError(f"{path}: HDF5 file with a model_config but no model_weights")
             config = _parse_json_attribute(path, model_config)
             found = _layers_of_legacy(path, h5file, config)
-            return KerasCheckpoint(path, "h5", h5file, found)
+            return KerasCheckpoint(path, "h5", h5file, found, hdf5_size=size)
         if has_model_weights:
             found = _legacy_stored_layers(path, h5file, "model_weights")
-            return KerasCheckpoint(path, "h5", h5file, found, ids_note=_NO_CONFIG_NOTE)
+            return KerasCheckpoint(
+                path, "h5", h5file, found, ids_note=_NO_CONFIG_NOTE, hdf5_size=size
+            )
         if has_layers:
             with path.open("rb") as file:
                 found = _saved_layers(path, h5file, "", "", _RawBytes(file))
-            return KerasCheckpoint(path, "keras-weights", h5file, found, ids_note=_NO_CONFIG_NOTE)
+            return KerasCheckpoint(
+                path, "keras-weights", h5file, found, ids_note=_NO_CONFIG_NOTE, hdf5_size=size
+            )
         if has_layer_names:
             found = _legacy_stored_layers(path, h5file, "/")
-            return KerasCheckpoint(path, "h5-weights", h5file, found, ids_note=_NO_CONFIG_NOTE)
+            return KerasCheckpoint(
+                path, "h5-weights", h5file, found, ids_note=_NO_CONFIG_NOTE, hdf5_size=size
+            )
         raise LoaderError(
             f"{path}: HDF5 file without Keras weights (no model_weights or layers group)"
         )
@@ -854,6 +1154,7 @@ def _layers_of_legacy(path: Path, h5file: Any, config: Any) -> list[_Found]:
         raise LoaderError(
             f"{path}: model_config does not describe a Sequential or Functional model"
         )
+    check_layer_count(path, _config_layer_count(config), "layers")
     found: list[_Found] = []
     for layer in _model_layers(path, config, "model_config"):
         class_name, name = _class_and_name(path, layer, "model_config")
@@ -914,7 +1215,9 @@ def _legacy_stored_layers(path: Path, h5file: Any, root: str) -> list[_Found]:
     found: list[_Found] = []
     with _reading(path, "the layer weights"):
         group = h5file[root]
-        for name in _attribute_list(group, "layer_names"):
+        names = _attribute_list(group, "layer_names")
+        check_layer_count(path, len(names), "layers")
+        for name in names:
             if name not in group:
                 raise LoaderError(f"{path}: layer_names lists {name!r} but it has no group")
             weight_names = _attribute_list(group[name], "weight_names")
