@@ -3,11 +3,20 @@ by suffix second. Readers are imported only when a file of their format is opene
 
 from __future__ import annotations
 
+import stat
 import struct
 import zipfile
 from pathlib import Path
 
-from wwcli.loaders.interface import ZIP_ERRORS, Checkpoint, LoaderError, read_head
+from wwcli.loaders.interface import (
+    ZIP_ERRORS,
+    Checkpoint,
+    LoaderError,
+    file_kind,
+    guard_checkpoint,
+    read_head,
+    reading,
+)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
@@ -61,15 +70,29 @@ def open_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
 
     `trust_pickle` lets the PyTorch reader unpickle arbitrary Python objects (which can run
     code); without it only plain tensors and containers are ever loaded.
+
+    This is the loader boundary: whatever a crafted file makes a reader raise, opening it or
+    later in the checkpoint's layers(), matrices() or close(), reaches the caller as a
+    LoaderError naming the file (`interface.reading`), never as an internal error.
     """
-    if not path.exists():
-        raise LoaderError(f"{path}: no such file or directory")
-    if path.is_dir():
+    with reading(path):
+        checkpoint = _open(path, trust_pickle=trust_pickle)
+    return guard_checkpoint(checkpoint)
+
+
+def _open(path: Path, *, trust_pickle: bool) -> Checkpoint:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as error:
+        raise LoaderError(f"{path}: no such file or directory") from error
+    if stat.S_ISDIR(mode):
         from wwcli.loaders.folder import open_folder
 
         return open_folder(path, trust_pickle=trust_pickle)
-    if not path.is_file():
-        raise LoaderError(f"{path}: not a regular file")
+    # A link given on the command line is the user's choice and is followed; what it leads
+    # to must be a regular file (opening a FIFO would wait forever for a writer).
+    if not stat.S_ISREG(mode):
+        raise LoaderError(f"{path}: not a regular file ({file_kind(mode)})")
     file_format = sniff_format(path)
     if file_format == "keras":
         # HDF5 is parsed in a helper process: a crash or hang there is a LoaderError here.

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import abc
 import enum
+import functools
+import io
+import os
+import stat
 import struct
+import types
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -48,6 +56,135 @@ def check_layer_count(path: Path, count: int, what: str = "tensors") -> None:
             f"{path}: lists {count} {what}, more than the {MAX_LAYERS} wwcli reads "
             "(a crafted or broken file?)"
         )
+
+
+READ_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,  # UnicodeError, json's errors, int() past Python's 4300-digit limit, numpy shapes
+    ArithmeticError,  # OverflowError of a huge number turned into a float, ZeroDivisionError
+    LookupError,  # KeyError, IndexError of a structure that is not what the format says
+    TypeError,
+    RecursionError,
+    RuntimeError,  # what torch and zipfile raise on a damaged file
+    struct.error,
+    zlib.error,
+    EOFError,
+)
+"""What a reader's own code can raise on crafted or damaged bytes it did not expect. At the
+loader boundary (`reading`) they become a LoaderError naming the file; other exceptions
+(AttributeError, NameError, AssertionError, ...) are wwcli's bugs and stay internal errors."""
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn an exception a crafted file provoked in a reader into a one-line LoaderError that
+    names `path`, chained to the original so that `--debug` shows where it came from.
+
+    KeyboardInterrupt, SystemExit and GeneratorExit are not Exceptions and pass through.
+    """
+    try:
+        yield
+    except LoaderError:
+        raise
+    except MemoryError as error:
+        raise LoaderError(
+            f"{path}: ran out of memory while reading it (damaged or crafted sizes?)"
+        ) from error
+    except OSError as error:
+        raise LoaderError(f"{path}: cannot read: {error.strerror or error}") from error
+    except READ_ERRORS as error:
+        raise LoaderError(
+            f"{path}: cannot read: {type(error).__name__} while reading the file "
+            "(crafted or damaged?)"
+        ) from error
+
+
+_GUARDED_METHODS = ("layers", "matrices", "source_files", "close")
+"""The Checkpoint methods a caller uses after opening; `guard_checkpoint` wraps them."""
+
+_Result = TypeVar("_Result")
+
+
+def _guarded_method(method: Callable[..., _Result]) -> Callable[..., _Result]:
+    @functools.wraps(method)
+    def guarded(self: Checkpoint, *args: Any, **kwargs: Any) -> _Result:
+        with reading(getattr(self, "path", Path("checkpoint"))):
+            return method(self, *args, **kwargs)
+
+    return guarded
+
+
+@functools.cache
+def _guarded_class(cls: type[Checkpoint]) -> type[Checkpoint]:
+    """A subclass of `cls` whose public methods run inside `reading`. It adds no fields
+    (`__slots__ = ()`), so an instance of `cls` can become one in place."""
+    namespace: dict[str, Any] = {
+        "__slots__": (),
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "_guarded": True,
+    }
+    for name in _GUARDED_METHODS:
+        namespace[name] = _guarded_method(getattr(cls, name))
+    guarded = types.new_class(cls.__name__, (cls,), exec_body=lambda body: body.update(namespace))
+    return cast(type[Checkpoint], guarded)
+
+
+def guard_checkpoint(checkpoint: Checkpoint) -> Checkpoint:
+    """The same checkpoint, its layers(), matrices(), source_files() and close() turning what
+    a crafted file provokes (READ_ERRORS, MemoryError, OSError) into a LoaderError naming it.
+
+    The object itself is kept (its class becomes a guarded subclass of its own), so that its
+    attributes and `isinstance` checks against the reader's class stay as they were.
+    """
+    if not getattr(type(checkpoint), "_guarded", False):
+        checkpoint.__class__ = _guarded_class(type(checkpoint))
+    return checkpoint
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words: "a FIFO (named pipe)", "a character device", ..."""
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a plain file")
+
+
+def open_regular(path: Path) -> io.FileIO:
+    """Open a file for reading, unbuffered, refusing anything but a regular file.
+
+    The check is made on the opened descriptor (fstat), so what is checked is what is read.
+    The open itself does not wait: O_NONBLOCK makes opening a FIFO return at once, where a
+    plain open would block until another process writes to it. Raises LoaderError.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError as error:
+        raise LoaderError(f"{path}: no such file") from error
+    except IsADirectoryError as error:
+        raise LoaderError(f"{path}: is a directory, not a checkpoint file") from error
+    except OSError as error:
+        raise LoaderError(f"{path}: cannot read: {error.strerror or error}") from error
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise LoaderError(f"{path}: cannot read: is a directory, not a file")
+        if not stat.S_ISREG(mode):
+            raise LoaderError(f"{path}: not a regular file ({file_kind(mode)})")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(descriptor, True)
+        return io.FileIO(descriptor, "rb", closefd=True)
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def read_head(path: Path, size: int) -> bytes:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import reprlib
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +22,49 @@ from typing import Any
 import numpy as np
 
 from wwcli.loaders._statedict import StateDictCheckpoint, TensorEntry, TensorReader
-from wwcli.loaders.interface import Checkpoint, LoaderError
+from wwcli.loaders.interface import (
+    MAX_LAYERS,
+    Checkpoint,
+    LoaderError,
+    check_layer_count,
+    open_regular,
+)
 
 MAX_HEADER_BYTES = 100_000_000
 """The reference implementation refuses headers above this size (a header bomb)."""
 
 HEADER_LENGTH_BYTES = 8
+
+MAX_COUNT = 2**63 - 1
+"""The largest shape dimension, element count and data offset accepted: the reference
+implementation reads them as 64-bit unsigned integers and numpy indexes with signed ones."""
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A UTF-16 surrogate on its own: JSON's `\\ud800` escape allows it, Unicode does not."""
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""The JSON escape of a surrogate, paired or not."""
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 80
+_SHORT.maxother = 80
+_SHORT.maxlist = 8
+_SHORT.maxdict = 4
+_SHORT.maxlevel = 3
+
+
+def shown(value: object) -> str:
+    """`repr(value)`, cut short: a value from a crafted file may be a string of megabytes or a
+    list nested a thousand deep, and an error message is one line for people."""
+    return _SHORT.repr(value)
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in `text`, as its `\\uXXXX` escape; None when there is none."""
+    if text.isascii():
+        return None
+    found = _LONE_SURROGATE.search(text)
+    return None if found is None else f"\\u{ord(found.group()):04x}"
 
 
 @dataclass(frozen=True)
@@ -125,7 +165,7 @@ def read_header(path: Path) -> SafetensorsHeader:
     a byte count that does not match shape x dtype width, or bytes after the last tensor.
     """
     try:
-        with path.open("rb") as stream:
+        with open_regular(path) as stream:
             file_size = stream.seek(0, 2)
             stream.seek(0)
             if file_size == 0:
@@ -151,11 +191,14 @@ def read_header(path: Path) -> SafetensorsHeader:
                     f"{path}: safetensors header length {header_length} runs past the end "
                     f"of the {file_size}-byte file (truncated or not a safetensors file)"
                 )
-            header_bytes = stream.read(header_length)
+            header_bytes = _read_exactly(stream, header_length)
     except OSError as error:
         raise LoaderError(f"{path}: cannot read: {error.strerror or error}") from error
+    if len(header_bytes) < header_length:
+        raise LoaderError(f"{path}: file ended inside the safetensors header (changed since?)")
     header = _parse_json_object(path, header_bytes)
     metadata = _parse_metadata(path, header.pop("__metadata__", None))
+    check_layer_count(path, len(header))
     tensors = tuple(
         _parse_tensor_info(path, key, value, data_start) for key, value in header.items()
     )
@@ -163,31 +206,99 @@ def read_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata)
 
 
+def _read_exactly(stream: Any, size: int) -> bytes:
+    """Up to `size` bytes, fewer only at the end of the file (an unbuffered read may return
+    less than asked)."""
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining:
+        chunk = stream.read(remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
 def _parse_json_object(path: Path, header_bytes: bytes) -> dict[str, Any]:
+    """The header as a dict, parsed as strictly as the reference implementation parses it: no
+    key twice, no lone surrogate in a string, no NaN or Infinity, no integer of thousands of
+    digits.
+
+    A header of more than MAX_LAYERS tensors is refused before it is parsed, from a count of
+    its "data_offsets" strings (50 ms for 100 MB), so that a header of a million tensors does
+    not take a minute and gigabytes to list. A header that hides them (a `\\u005f` escape in
+    the key) is stopped by its objects instead: at most MAX_LAYERS + 2 are built (the header,
+    `__metadata__` and one per tensor; any other object is an error anyway).
+    """
+    entries = header_bytes.count(b'"data_offsets"')
+    if entries > MAX_LAYERS + 2:  # + a tensor and a metadata key of that name
+        raise LoaderError(
+            f"{path}: lists {entries} tensors ('data_offsets' entries), more than the "
+            f"{MAX_LAYERS} wwcli reads (a crafted or broken file?)"
+        )
     try:
         text = header_bytes.decode("utf-8")
     except UnicodeDecodeError as error:
         raise LoaderError(f"{path}: safetensors header is not valid UTF-8 ({error})") from error
+    # A lone surrogate can only come from a \\uD800-\\uDFFF escape (the UTF-8 decoder refuses
+    # encoded ones); the strings are searched only when the text has such an escape.
+    check_strings = _SURROGATE_ESCAPE.search(header_bytes) is not None
+    objects = 0
 
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise LoaderError(f"{path}: safetensors header has the key {key!r} twice")
-            result[key] = value
+    def strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal objects
+        objects += 1
+        if objects > MAX_LAYERS + 2:
+            raise LoaderError(
+                f"{path}: safetensors header lists more than the {MAX_LAYERS} tensors wwcli "
+                "reads (a crafted or broken file?)"
+            )
+        if check_strings:
+            for key, value in pairs:
+                _check_unicode(path, key, "key")
+                if isinstance(value, str):
+                    _check_unicode(path, value, "string")
+        result = dict(pairs)
+        if len(result) < len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise LoaderError(f"{path}: safetensors header has the key {shown(key)} twice")
+                seen.add(key)
         return result
 
+    def no_constant(name: str) -> None:
+        raise LoaderError(f"{path}: safetensors header is not valid JSON ({name} is not JSON)")
+
     try:
-        header = json.loads(text, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as error:
-        raise LoaderError(f"{path}: safetensors header is not valid JSON ({error})") from error
+        header = json.loads(text, object_pairs_hook=strict_object, parse_constant=no_constant)
     except RecursionError as error:
         raise LoaderError(f"{path}: safetensors header is JSON nested too deeply") from error
+    except json.JSONDecodeError as error:
+        message = shown(str(error))[1:-1]
+        raise LoaderError(f"{path}: safetensors header is not valid JSON ({message})") from error
+    except ValueError as error:  # int() refuses more digits than sys.get_int_max_str_digits()
+        raise LoaderError(
+            f"{path}: safetensors header holds an integer of more than "
+            f"{sys.get_int_max_str_digits()} digits, out of range"
+        ) from error
     if not isinstance(header, dict):
         raise LoaderError(
             f"{path}: safetensors header is a JSON {_json_kind(header)}, not an object"
         )
     return header
+
+
+def _check_unicode(path: Path, text: str, what: str) -> None:
+    """LoaderError when `text` holds a lone surrogate: valid JSON, but not a Unicode string
+    (the reference implementation refuses it; Python would fail later, printing it)."""
+    surrogate = lone_surrogate(text)
+    if surrogate is not None:
+        raise LoaderError(
+            f"{path}: safetensors header has a {what} that is not valid Unicode: "
+            f"{shown(text)} holds a lone surrogate ({surrogate} escape)"
+        )
 
 
 def _json_kind(value: object) -> str:
@@ -208,34 +319,66 @@ def _parse_metadata(path: Path, metadata: object) -> dict[str, str]:
     return dict(metadata)
 
 
-def _is_count(value: object) -> bool:
-    """A non-negative JSON integer (JSON true/false are not counts)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _are_counts(values: list[Any]) -> bool:
+    """Every value a JSON integer from 0 to MAX_COUNT (JSON true/false are not counts).
+
+    Written with C-level builtins (one set of types, min, max): a header lists up to
+    MAX_LAYERS tensors, and this runs twice for each.
+    """
+    if not values:
+        return True
+    return set(map(type, values)) == _INT_ONLY and min(values) >= 0 and max(values) <= MAX_COUNT
+
+
+_INT_ONLY = {int}
 
 
 def _parse_tensor_info(path: Path, key: str, value: object, data_start: int) -> TensorInfo:
-    where = f"{path}: tensor {key!r}"
     if not isinstance(value, dict):
-        raise LoaderError(f"{where}: header entry is not an object")
-    for field in ("dtype", "shape", "data_offsets"):
-        if field not in value:
-            raise LoaderError(f"{where}: header entry has no {field!r}")
-    code = value["dtype"]
-    if not isinstance(code, str) or code not in DTYPES:
-        raise LoaderError(f"{where}: unknown dtype {code!r}")
-    shape = value["shape"]
-    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
-        raise LoaderError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    offsets = value["data_offsets"]
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
-        raise LoaderError(f"{where}: data_offsets {offsets!r} are not two non-negative integers")
+        raise LoaderError(f"{path}: tensor {shown(key)}: header entry is not an object")
+    try:
+        code = value["dtype"]
+        shape = value["shape"]
+        offsets = value["data_offsets"]
+    except KeyError as missing:
+        raise LoaderError(
+            f"{path}: tensor {shown(key)}: header entry has no {missing.args[0]!r}"
+        ) from None
+    dtype = DTYPES.get(code) if isinstance(code, str) else None
+    if dtype is None:
+        raise LoaderError(f"{path}: tensor {shown(key)}: unknown dtype {shown(code)}")
+    if not (isinstance(shape, list) and _are_counts(shape)):
+        raise LoaderError(_bad_counts(path, key, "shape", shape))
+    if not (isinstance(offsets, list) and len(offsets) == 2 and _are_counts(offsets)):
+        raise LoaderError(_bad_counts(path, key, "data_offsets", offsets))
+    # Zeros left out: numpy refuses a shape (0, 2**62, 2**62) although it has no elements.
+    if (
+        len(shape) > 1
+        and (len(shape) > 2 or max(shape) > 2**31)
+        and math.prod(filter(None, shape)) > MAX_COUNT
+    ):
+        raise LoaderError(
+            f"{path}: tensor {shown(key)}: shape {shown(shape)} has more than 2**63 - 1 elements"
+        )
     return TensorInfo(
         key=key,
-        dtype=DTYPES[code],
+        dtype=dtype,
         shape=tuple(shape),
         begin=data_start + offsets[0],
         end=data_start + offsets[1],
     )
+
+
+def _bad_counts(path: Path, key: str, field: str, value: object) -> str:
+    """The message for a shape or data_offsets that is not what the format allows."""
+    where = f"{path}: tensor {shown(key)}: {field} {shown(value)}"
+    if isinstance(value, list) and value and set(map(type, value)) == _INT_ONLY and min(value) >= 0:
+        if field == "data_offsets" and len(value) != 2:
+            return f"{where} are not two non-negative integers"
+        return f"{where} {'is' if field == 'shape' else 'are'} out of range (above 2**63 - 1)"
+    if field == "shape":
+        return f"{where} is not a list of non-negative integers"
+    return f"{where} are not two non-negative integers"
 
 
 def _check_layout(
@@ -245,25 +388,31 @@ def _check_layout(
     overlap, no gap, each as long as its shape and dtype say, the last ending with the file."""
     data_size = file_size - data_start
     expected_begin = data_start
-    for info in sorted(tensors, key=lambda info: (info.begin, info.end)):
+
+    def where(info: TensorInfo) -> str:
         offsets = [info.begin - data_start, info.end - data_start]
-        where = f"{path}: tensor {info.key!r} (data_offsets {offsets})"
+        return f"{path}: tensor {shown(info.key)} (data_offsets {offsets})"
+
+    for info in sorted(tensors, key=lambda info: (info.begin, info.end)):
         if info.end < info.begin:
-            raise LoaderError(f"{where}: offsets end before they begin")
+            raise LoaderError(f"{where(info)}: offsets end before they begin")
         if info.end > file_size:
             raise LoaderError(
-                f"{where}: offsets run past the end of the {data_size}-byte data section "
+                f"{where(info)}: offsets run past the end of the {data_size}-byte data section "
                 "(truncated file?)"
             )
         if info.begin < expected_begin:
-            raise LoaderError(f"{where}: overlaps the tensor before it")
+            raise LoaderError(f"{where(info)}: overlaps the tensor before it")
         if info.begin > expected_begin:
-            raise LoaderError(f"{where}: leaves a gap after the tensor before it")
+            raise LoaderError(f"{where(info)}: leaves a gap after the tensor before it")
+        # Exact integers: elements are at most 2**63 - 1, so bits at most 2**69, but a float
+        # would round a byte count past 2**53 (and a crafted shape overflowed it before).
         bits = math.prod(info.shape) * info.dtype.bits
         if bits % 8 or bits // 8 != info.end - info.begin:
+            needs = str(bits // 8) if bits % 8 == 0 else f"{bits / 8:g}"
             raise LoaderError(
-                f"{where}: shape {list(info.shape)} of dtype {info.dtype.code} needs "
-                f"{bits / 8:g} bytes but the offsets hold {info.end - info.begin}"
+                f"{where(info)}: shape {shown(list(info.shape))} of dtype {info.dtype.code} "
+                f"needs {needs} bytes but the offsets hold {info.end - info.begin}"
             )
         expected_begin = info.end
     if expected_begin != file_size:
@@ -312,10 +461,10 @@ def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
     """
     reason = unreadable_reason(info.dtype)
     if reason is not None:
-        raise LoaderError(f"{path}: tensor {info.key!r}: {reason}")
+        raise LoaderError(f"{path}: tensor {shown(info.key)}: {reason}")
     raw = np.empty(info.end - info.begin, dtype=np.uint8)
     try:
-        with path.open("rb", buffering=0) as stream:
+        with open_regular(path) as stream:
             stream.seek(info.begin)
             view = raw.data
             filled = 0
@@ -323,7 +472,7 @@ def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
                 count = stream.readinto(view[filled:])
                 if not count:
                     raise LoaderError(
-                        f"{path}: tensor {info.key!r}: file ended {raw.size - filled} bytes "
+                        f"{path}: tensor {shown(info.key)}: file ended {raw.size - filled} bytes "
                         "early (changed or truncated since it was opened?)"
                     )
                 filled += count
