@@ -11,6 +11,7 @@ function. An entry that tries to read a local file writes that file beside itsel
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import struct
 import zipfile
@@ -236,7 +237,7 @@ def _write_link_dag(target: Path) -> None:
 
     with h5py.File(target, "w") as h5file:
         levels = [h5file.create_group(f"pool/level_{depth}") for depth in range(DAG_DEPTH)]
-        for upper, lower in zip(levels, levels[1:], strict=False):
+        for upper, lower in itertools.pairwise(levels):
             upper["a"] = lower
             upper["b"] = lower
         h5file["layers/list"] = levels[0]
@@ -362,9 +363,9 @@ def _zip_lying_about(members: list[tuple[str, bytes, int, bool]]) -> bytes:
     return out.getvalue()
 
 
-def _write_zip_lying(members: Callable[[Path], list[tuple[str, bytes, int, bool]]]) -> Callable[
-    [Path], None
-]:
+def _write_zip_lying(
+    members: Callable[[Path], list[tuple[str, bytes, int, bool]]],
+) -> Callable[[Path], None]:
     def write(target: Path) -> None:
         target.write_bytes(_zip_lying_about(members(target)))
 
@@ -501,7 +502,6 @@ def cases() -> list[BadInput]:
             write=_write_weights_h5(_environ_storage),
         )
     )
-    bomb = r"{} holds {} bytes but the file stores {} of them"
     entries += [
         BadInput(
             "hdf5_never_written_kernel.weights.h5",
