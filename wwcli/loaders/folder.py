@@ -4,18 +4,37 @@ weights) and folders of `pytorch_model*.bin` files, numbered as weightwatcher 0.
 model folder (ids from 0), except that ids count on across files without gaps.
 
 Safetensors folders never import torch; `.bin` folders import it when opened.
+
+Every file read (index, shards, config.json) must be a regular file whose real path, links
+followed, lies inside the folder, or, for a snapshot of a Hugging Face cache, inside the
+cache's `blobs/` of that repository (`ReadableFiles`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wwcli.loaders._statedict import StateDictCheckpoint, TensorEntry, TensorReader
-from wwcli.loaders.interface import Checkpoint, LoaderError
-from wwcli.loaders.safetensors import read_header, tensor_entry, tensor_reader
+from wwcli.loaders.interface import (
+    Checkpoint,
+    LoaderError,
+    check_layer_count,
+    file_kind,
+    open_regular,
+)
+from wwcli.loaders.safetensors import (
+    lone_surrogate,
+    read_header,
+    shown,
+    tensor_entry,
+    tensor_reader,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -25,6 +44,15 @@ BIN_GLOBS = ("pytorch_model*.bin", "adapter_model*.bin")
 """What makes weightwatcher read a folder as `.bin` files."""
 BIN_READ_GLOB = "*model*bin"
 """The files weightwatcher then reads, in sorted order."""
+
+MAX_INDEX_BYTES = 100_000_000
+"""An index lists one line per tensor; past the size of the largest safetensors header it is
+refused, before it is read."""
+MAX_CONFIG_BYTES = 16_000_000
+"""config.json is informative only; a larger one is not read (and not mentioned)."""
+
+HF_CACHE_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
+"""How huggingface_hub names a repository's folder in its cache (`models--org--name`)."""
 
 GAP_NOTE = (
     "weightwatcher 0.7.7 leaves gaps in the ids of a folder from its third weight file on "
@@ -42,103 +70,232 @@ def open_folder(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     reader of `.bin` files.
 
     Raises LoaderError when the folder holds no weights, its index is malformed or names a
-    missing shard or tensor, or a weight file cannot be read.
+    missing shard or tensor, a weight file cannot be read, a file to read is a link out of the
+    folder or not a regular file, or the files list more than MAX_LAYERS tensors in all.
     """
     if not path.exists():
         raise LoaderError(f"{path}: no such folder")
     if not path.is_dir():
         raise LoaderError(f"{path}: not a folder")
-    hf_note = _hugging_face_note(path)
+    files = ReadableFiles.of(path)
+    hf_note = _hugging_face_note(files)
     index = path / SAFETENSORS_INDEX
-    if index.is_file():
-        return _open_safetensors_index(path, index, hf_note)
+    if os.path.lexists(index):
+        return _open_safetensors_index(files, index, hf_note)
     for pattern in SAFETENSORS_GLOBS:
-        files = _files(path, pattern)
-        if files:
-            return _open_safetensors_files(path, files, hf_note, read_by_weightwatcher=True)
-    if any(_files(path, pattern) for pattern in BIN_GLOBS) or (path / BIN_INDEX).is_file():
-        return _open_bin_files(path, hf_note, trust_pickle=trust_pickle)
-    files = _files(path, "*.safetensors")
-    if files:
-        return _open_safetensors_files(path, files, hf_note, read_by_weightwatcher=False)
+        found = _files(path, pattern)
+        if found:
+            return _open_safetensors_files(files, found, hf_note, read_by_weightwatcher=True)
+    if any(_files(path, pattern) for pattern in BIN_GLOBS) or os.path.lexists(path / BIN_INDEX):
+        return _open_bin_files(files, hf_note, trust_pickle=trust_pickle)
+    found = _files(path, "*.safetensors")
+    if found:
+        return _open_safetensors_files(files, found, hf_note, read_by_weightwatcher=False)
     looked_for = [SAFETENSORS_INDEX, *SAFETENSORS_GLOBS, *BIN_GLOBS, "*.safetensors"]
     raise LoaderError(f"{path}: no weights in this folder (looked for {', '.join(looked_for)})")
 
 
+@dataclass(frozen=True)
+class ReadableFiles:
+    """Where the files a model folder's reader opens may really be, links followed.
+
+    A model folder is data someone else wrote, and a link in it can lead anywhere (an SSH key,
+    another model, /dev/zero, a FIFO that blocks whoever opens it). So a file is read only when
+    its real path lies under one of `roots`: the folder itself (its real path), and, when the
+    folder is in a snapshot of a Hugging Face cache, that repository's `blobs/`, where the
+    cache's links lead (`models--org--name/snapshots/<rev>/model.safetensors ->
+    ../../blobs/<sha256>`). It must also be a regular file.
+    """
+
+    folder: Path
+    """The folder as given."""
+    roots: tuple[Path, ...]
+    """Real paths under which a file may be read."""
+
+    @classmethod
+    def of(cls, folder: Path) -> ReadableFiles:
+        """The roots for a folder: itself, and its Hugging Face cache repository's blobs."""
+        real = Path(os.path.realpath(folder))
+        roots = [real]
+        for snapshot in (real, *real.parents):
+            repo = snapshot.parent.parent
+            if (
+                snapshot.parent.name == "snapshots"
+                and repo.name.startswith(HF_CACHE_REPO_PREFIXES)
+                and (repo / "blobs").is_dir()
+            ):
+                roots.append(Path(os.path.realpath(repo / "blobs")))
+                break
+        return cls(folder=folder, roots=tuple(roots))
+
+    def check(self, file: Path) -> Path:
+        """The real path of `file`, after checking that wwcli may read it; raises LoaderError
+        naming the file (and where its link leads) when it may not."""
+        real = Path(os.path.realpath(file))
+        if not any(real.is_relative_to(root) for root in self.roots):
+            allowed = "the folder" if len(self.roots) == 1 else "the folder or the cache's blobs/"
+            raise LoaderError(
+                f"{file}: is a link to {real}, outside {self.folder}; wwcli reads only files "
+                f"inside {allowed}"
+            )
+        try:
+            mode = os.stat(real).st_mode
+        except FileNotFoundError as error:
+            if os.path.islink(file):
+                raise LoaderError(f"{file}: is a link to {real}, which does not exist") from error
+            raise LoaderError(f"{file}: no such file") from error
+        except OSError as error:
+            raise LoaderError(f"{file}: cannot read: {error.strerror or error}") from error
+        if not stat.S_ISREG(mode):
+            raise LoaderError(f"{file}: not a regular file ({file_kind(mode)})")
+        return real
+
+
 def _files(folder: Path, pattern: str) -> list[Path]:
-    """Files matching `pattern`, sorted by name as weightwatcher sorts its glob."""
-    return sorted((file for file in folder.glob(pattern) if file.is_file()), key=lambda f: f.name)
+    """Entries matching `pattern`, sorted by name as weightwatcher sorts its glob. Folders are
+    left out; FIFOs, devices and links that lead out of the folder are kept, to be refused
+    by name when they are read rather than skipped in silence."""
+    return sorted(
+        (file for file in folder.glob(pattern) if not file.is_dir()), key=lambda f: f.name
+    )
 
 
-def _hugging_face_note(folder: Path) -> str | None:
+def _hugging_face_note(files: ReadableFiles) -> str | None:
     """'Hugging Face model folder (LlamaForCausalLM)' when config.json says so; informative
-    only, so a config.json that cannot be read is ignored."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
+    only, so a config.json that is not JSON, or too large to be a config, is ignored. One that
+    is a link out of the folder or not a regular file is refused like any file read."""
+    config_path = files.folder / "config.json"
+    if not os.path.lexists(config_path) or config_path.is_dir():
         return None
+    files.check(config_path)
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        with open_regular(config_path) as stream:
+            if os.fstat(stream.fileno()).st_size > MAX_CONFIG_BYTES:
+                return None
+            config = json.loads(stream.read().decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(config, dict):
         return None
     architectures = config.get("architectures")
     if isinstance(architectures, list) and architectures:
-        return f"Hugging Face model folder ({', '.join(map(str, architectures))})"
+        return f"Hugging Face model folder ({', '.join(map(shown_name, architectures))})"
     model_type = config.get("model_type")
-    return f"Hugging Face model folder ({model_type or 'no architecture named'})"
+    named = shown_name(model_type) if model_type else "no architecture named"
+    return f"Hugging Face model folder ({named})"
+
+
+def shown_name(value: object) -> str:
+    """A name from config.json for a note: a string as it is (cut at 100 characters), anything
+    else as its short repr; a lone surrogate escaped so that the note can be printed."""
+    text = value if isinstance(value, str) else shown(value)
+    if lone_surrogate(text) is not None:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _join_notes(*notes: str | None) -> str | None:
     return "; ".join(note for note in notes if note) or None
 
 
-def _read_index(index: Path) -> dict[str, str]:
+def _read_index(files: ReadableFiles, index: Path) -> dict[str, str]:
     """The `weight_map` of a Hugging Face index file: tensor key -> shard file name."""
+    files.check(index)
     try:
-        document = json.loads(index.read_text(encoding="utf-8"))
+        with open_regular(index) as stream:
+            size = os.fstat(stream.fileno()).st_size
+            if size > MAX_INDEX_BYTES:
+                raise LoaderError(
+                    f"{index}: {size} bytes, more than the {MAX_INDEX_BYTES} an index may have"
+                )
+            raw = stream.read()
     except OSError as error:
         raise LoaderError(f"{index}: cannot read: {error.strerror or error}") from error
-    except ValueError as error:
-        raise LoaderError(f"{index}: not valid JSON ({error})") from error
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise LoaderError(f"{index}: not valid UTF-8 ({error})") from error
     except RecursionError as error:
         raise LoaderError(f"{index}: JSON nested too deeply") from error
+    except ValueError as error:
+        raise LoaderError(f"{index}: not valid JSON ({shown(str(error))[1:-1]})") from error
     weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(shard, str) for shard in weight_map.values()
     ):
         raise LoaderError(f"{index}: has no 'weight_map' object of tensor name -> file name")
+    check_layer_count(index, len(weight_map))
     return weight_map
 
 
-def _shard_path(folder: Path, index: Path, shard: str) -> Path:
-    """The shard file an index names; it must be a file inside the folder."""
+def _shard_path(files: ReadableFiles, index: Path, shard: str) -> Path:
+    """The shard file an index names; it must be a regular file inside the folder (or, in a
+    Hugging Face cache, a link into the repository's blobs)."""
+    folder = files.folder
+    if "\0" in shard or lone_surrogate(shard) is not None:
+        raise LoaderError(f"{index}: names shard {shown(shard)}, which is not a file name")
     shard_path = folder / shard
-    if Path(shard).is_absolute() or ".." in Path(shard).parts:
-        raise LoaderError(f"{index}: names shard {shard!r}, which is outside {folder}")
-    if not shard_path.is_file():
-        raise LoaderError(f"{index}: names shard {shard!r}, which is missing from {folder}")
+    if not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
+        raise LoaderError(f"{index}: names shard {shown(shard)}, which is outside {folder}")
+    if not os.path.lexists(shard_path):
+        raise LoaderError(f"{index}: names shard {shown(shard)}, which is missing from {folder}")
+    files.check(shard_path)
     return shard_path
 
 
-def _open_safetensors_index(folder: Path, index: Path, hf_note: str | None) -> Checkpoint:
-    weight_map = _read_index(index)
+class FolderCheckpoint(StateDictCheckpoint):
+    """A model folder's checkpoint: the state-dict numbering, and the files it reads."""
+
+    def __init__(
+        self,
+        path: Path,
+        file_format: str,
+        tensors: Sequence[tuple[TensorEntry, TensorReader]],
+        *,
+        read: Sequence[Path],
+        ids_note: str | None = None,
+        source_note: str | None = None,
+        close: Callable[[], None] | None = None,
+    ) -> None:
+        """`read`: every file opened for this checkpoint, as real paths."""
+        super().__init__(
+            path, file_format, tensors, ids_note=ids_note, source_note=source_note, close=close
+        )
+        self._read = tuple(dict.fromkeys(read))
+
+    def source_files(self) -> tuple[Path, ...]:
+        """The index, every shard and config.json, when read: real paths, links followed."""
+        return self._read
+
+
+def _config_read(files: ReadableFiles, hf_note: str | None) -> list[Path]:
+    """config.json's real path when it was read for the note."""
+    return [files.check(files.folder / "config.json")] if hf_note is not None else []
+
+
+def _open_safetensors_index(files: ReadableFiles, index: Path, hf_note: str | None) -> Checkpoint:
+    weight_map = _read_index(files, index)
+    read = [files.check(index), *_config_read(files, hf_note)]
+    keys_by_shard: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        keys_by_shard.setdefault(shard, []).append(key)
     tensors: list[tuple[TensorEntry, TensorReader]] = []
     listed = 0
     in_shards = 0
     # weightwatcher takes the shards in sorted order (numpy.unique of the weight_map's values)
     # and, for each, the keys the weight_map assigns to it in weight_map order.
-    for shard in sorted(set(weight_map.values())):
-        shard_path = _shard_path(folder, index, shard)
+    for shard in sorted(keys_by_shard):
+        shard_path = _shard_path(files, index, shard)
+        read.append(files.check(shard_path))
         infos = read_header(shard_path).by_key()
         in_shards += len(infos)
-        for key, key_shard in weight_map.items():
-            if key_shard != shard:
-                continue
+        check_layer_count(files.folder, in_shards)
+        for key in keys_by_shard[shard]:
             info = infos.get(key)
             if info is None:
                 raise LoaderError(
-                    f"{index}: says tensor {key!r} is in {shard}, which has no such tensor"
+                    f"{index}: says tensor {shown(key)} is in {shown(shard)[1:-1]}, which has "
+                    "no such tensor"
                 )
             tensors.append((tensor_entry(info), tensor_reader(shard_path, info)))
             listed += 1
@@ -149,63 +306,82 @@ def _open_safetensors_index(folder: Path, index: Path, hf_note: str | None) -> C
         if unlisted
         else None
     )
-    return StateDictCheckpoint(
-        folder,
+    return FolderCheckpoint(
+        files.folder,
         "safetensors-index",
         tensors,
+        read=read,
         source_note=_join_notes(hf_note, unlisted_note),
     )
 
 
 def _open_safetensors_files(
-    folder: Path, files: Sequence[Path], hf_note: str | None, *, read_by_weightwatcher: bool
+    files: ReadableFiles,
+    found: Sequence[Path],
+    hf_note: str | None,
+    *,
+    read_by_weightwatcher: bool,
 ) -> Checkpoint:
     tensors: list[tuple[TensorEntry, TensorReader]] = []
-    for file in files:
+    read = _config_read(files, hf_note)
+    for file in found:
+        read.append(files.check(file))
         for info in sorted(read_header(file).tensors, key=lambda info: info.key):
             tensors.append((tensor_entry(info), tensor_reader(file, info)))
-    ids_note = GAP_NOTE if len(files) >= 3 else None
+        check_layer_count(files.folder, len(tensors))
+    ids_note = GAP_NOTE if len(found) >= 3 else None
     if not read_by_weightwatcher:
         ids_note = _join_notes(
             "weightwatcher 0.7.7 does not read this folder (it looks for model*.safetensors); "
             "ids follow its rule for a folder without an index",
             ids_note,
         )
-    return StateDictCheckpoint(
-        folder, "safetensors-folder", tensors, ids_note=ids_note, source_note=hf_note
+    return FolderCheckpoint(
+        files.folder,
+        "safetensors-folder",
+        tensors,
+        read=read,
+        ids_note=ids_note,
+        source_note=hf_note,
     )
 
 
-def _open_bin_files(folder: Path, hf_note: str | None, *, trust_pickle: bool) -> Checkpoint:
+def _open_bin_files(files: ReadableFiles, hf_note: str | None, *, trust_pickle: bool) -> Checkpoint:
     from wwcli.loaders.torch import load_state_dict, tensor_entry, tensor_reader
 
+    folder = files.folder
+    read = _config_read(files, hf_note)
     bin_index = folder / BIN_INDEX
-    if bin_index.is_file():
+    if os.path.lexists(bin_index):
         # weightwatcher ignores this index (it globs the files), so it only has to be right.
-        for shard in sorted(set(_read_index(bin_index).values())):
-            _shard_path(folder, bin_index, shard)
-    files = _files(folder, BIN_READ_GLOB)
+        read.append(files.check(bin_index))
+        for shard in sorted(set(_read_index(files, bin_index).values())):
+            _shard_path(files, bin_index, shard)
+    found = _files(folder, BIN_READ_GLOB)
     tensors: list[tuple[TensorEntry, TensorReader]] = []
     closers: list[Callable[[], None]] = []
     notes: list[str] = []
-    for file in files:
+    for file in found:
+        read.append(files.check(file))
         loaded = load_state_dict(file, trust_pickle=trust_pickle)
         state: dict[str, Any] = {str(key): value for key, value in loaded.tensors.items()}
-        read = tensor_reader(state)
-        tensors.extend((tensor_entry(key, value), read) for key, value in state.items())
+        read_tensor = tensor_reader(state)
+        tensors.extend((tensor_entry(key, value), read_tensor) for key, value in state.items())
         closers.append(state.clear)
         if loaded.source_note:
             notes.append(f"{file.name}: {loaded.source_note}")
+        check_layer_count(folder, len(tensors))
 
     def close() -> None:
         for clear in closers:
             clear()
 
-    return StateDictCheckpoint(
+    return FolderCheckpoint(
         folder,
         "torch-folder",
         tensors,
-        ids_note=GAP_NOTE if len(files) >= 3 else None,
+        read=read,
+        ids_note=GAP_NOTE if len(found) >= 3 else None,
         source_note=_join_notes(hf_note, *notes),
         close=close,
     )

@@ -144,7 +144,7 @@ def guard_checkpoint(checkpoint: Checkpoint) -> Checkpoint:
 
 _FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISFIFO, "a FIFO"),
     (stat.S_ISSOCK, "a socket"),
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
@@ -152,7 +152,7 @@ _FILE_KINDS = (
 
 
 def file_kind(mode: int) -> str:
-    """What a non-regular file is, in words: "a FIFO (named pipe)", "a character device", ..."""
+    """What a non-regular file is, in words: "a FIFO", "a character device", ..."""
     return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a plain file")
 
 
