@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from wwcli.analysis import CheckpointReport, LayerResult, SkippedLayer
 from wwcli.engine.results import FitStatus, LayerMetrics, PowerLawFit, Verdict
 from wwcli.loaders.interface import LayerSpec, LayerType
+from wwcli.results import CheckpointReport, LayerResult, SkippedLayer
 
 
 def spec(

@@ -1,97 +1,47 @@
-"""Runs the engine over the selected layers of one checkpoint; the core of `wwcli analyze`.
+"""The run layer: a path in, a report out. `analyze_path` (and `list_path` for describe) is the
+one unit of work every command is built on; `analyze_paths` runs many through a Runner;
+`analyze_checkpoint` runs the engine over the selected layers of one open checkpoint.
 
-It never prints: progress is reported through a callback, results come back as values.
+Nothing here prints: progress is reported through a listener, results come back as values, and
+an unreadable input is an InputFailure value, not an exception.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
-import math
 import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 from threadpoolctl import threadpool_limits
 
-from wwcli.engine import EngineOptions, analyze_layer, check_backend, check_size
-from wwcli.engine.results import FitStatus, LayerMetrics, Verdict
-from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType
-
-
-@dataclass(frozen=True)
-class LayerResult:
-    """An analyzed layer: what it is, and what the engine found."""
-
-    spec: LayerSpec
-    """The layer as the loader listed it."""
-    metrics: LayerMetrics
-    """The engine's numbers for it (the fit may have failed; see metrics.fit.status)."""
-
-
-@dataclass(frozen=True)
-class SkippedLayer:
-    """A selected layer that was not analyzed, and why."""
-
-    layer_id: int
-    """weightwatcher's id for the layer."""
-    name: str
-    """Full name of the layer in the file."""
-    layer_type: str
-    """Kind of layer ("dense", "norm", "other", ...)."""
-    reason: str
-    """Why it was not analyzed, for people."""
-
-
-@dataclass(frozen=True)
-class CheckpointReport:
-    """Everything `analyze` learned about one checkpoint."""
-
-    checkpoint: str
-    """The path as the user gave it."""
-    format: str
-    """The format the loader read it as."""
-    ids_note: str | None
-    """Set when the ids are not weightwatcher's ids for the model."""
-    source_note: str | None
-    """Set when the weights came from part of the file (which part, for people)."""
-    layers: tuple[LayerResult, ...]
-    """Analyzed layers, in id order."""
-    skipped: tuple[SkippedLayer, ...]
-    """Selected layers that were not analyzed, in id order."""
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Model-level figures: counts, and means over the layers whose fit succeeded."""
-
-    layers_analyzed: int
-    """Number of layers the engine analyzed (failed fits included)."""
-    layers_skipped: int
-    """Number of selected layers not analyzed."""
-    fits_failed: int
-    """Number of analyzed layers whose power-law fit failed."""
-    over_trained: tuple[int, ...]
-    """Ids of the layers with the over-trained verdict."""
-    under_trained: tuple[int, ...]
-    """Ids of the layers with the under-trained verdict."""
-    means: dict[str, float]
-    """Mean of each summary metric (weightwatcher's get_summary list) over successful fits."""
-
-
-SUMMARY_METRICS: tuple[str, ...] = (
-    "log_norm",
-    "alpha",
-    "alpha_weighted",
-    "log_alpha_norm",
-    "log_spectral_norm",
-    "stable_rank",
+from wwcli.engine import (
+    EngineOptions,
+    LayerMetrics,
+    analyze_layer_spectrum,
+    check_backend,
+    check_size,
 )
-"""The metrics weightwatcher averages in get_summary(), in its order."""
+from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError
+from wwcli.results import (
+    CheckpointListing,
+    CheckpointReport,
+    InputFailure,
+    LayerResult,
+    ListedLayer,
+    SkippedLayer,
+    Spectrum,
+)
+from wwcli.runners import LocalRunner, Runner
+from wwcli.selection import select_layers
+from wwcli.settings import RunSettings
 
 ProgressCallback = Callable[[LayerSpec], None]
 
@@ -101,11 +51,23 @@ def skipped_from(spec: LayerSpec, reason: str) -> SkippedLayer:
     return SkippedLayer(spec.layer_id, spec.name, spec.layer_type.value, reason)
 
 
-def analyze_one(checkpoint: Checkpoint, spec: LayerSpec, options: EngineOptions) -> LayerResult:
+LayerOutcome = tuple[LayerMetrics, Any]
+"""What the engine returns for a layer: its metrics and its eigenvalues (or None)."""
+
+
+def _layer_result(spec: LayerSpec, outcome: LayerOutcome, keep_spectrum: bool) -> LayerResult:
+    metrics, eigenvalues = outcome
+    spectrum = Spectrum(eigenvalues) if keep_spectrum and eigenvalues is not None else None
+    return LayerResult(spec, metrics, spectrum)
+
+
+def analyze_one(
+    checkpoint: Checkpoint, spec: LayerSpec, options: EngineOptions, *, keep_spectrum: bool = False
+) -> LayerResult:
     """Read one analyzable layer's matrices and run the engine on them."""
     matrices = checkpoint.matrices(spec)
-    metrics = analyze_layer(matrices, conv2d_norm=_is_conv2d(spec), options=options)
-    return LayerResult(spec, metrics)
+    outcome = analyze_layer_spectrum(matrices, conv2d_norm=_is_conv2d(spec), options=options)
+    return _layer_result(spec, outcome, keep_spectrum)
 
 
 def _is_conv2d(spec: LayerSpec) -> bool:
@@ -184,14 +146,6 @@ def _torch_cpu_threads(options: EngineOptions) -> Iterator[Callable[[], None] | 
         torch.set_num_threads(saved)
 
 
-def default_jobs() -> int:
-    """The number of cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not every platform has sched_getaffinity
-        return max(1, os.cpu_count() or 1)
-
-
 def analyze_checkpoint(
     checkpoint: Checkpoint,
     selected: Sequence[LayerSpec],
@@ -200,6 +154,7 @@ def analyze_checkpoint(
     options: EngineOptions,
     jobs: int = 1,
     on_layer: ProgressCallback | None = None,
+    keep_spectra: bool = False,
 ) -> CheckpointReport:
     """Analyze the selected layers and report them in id order, whatever `jobs` is.
 
@@ -241,23 +196,26 @@ def analyze_checkpoint(
     with threadpool_limits(limits=1), _torch_cpu_threads(options) as initializer:
         if jobs == 1 or len(work) <= 1:
             for position, spec in work:
-                finish(position, analyze_one(checkpoint, spec, options))
+                finish(position, analyze_one(checkpoint, spec, options, keep_spectrum=keep_spectra))
         else:
             with ThreadPoolExecutor(max_workers=jobs, initializer=initializer) as pool:
-                in_flight: deque[tuple[int, LayerSpec, Future[LayerMetrics]]] = deque()
+                in_flight: deque[tuple[int, LayerSpec, Future[LayerOutcome]]] = deque()
                 for position, spec in work:
                     matrices = checkpoint.matrices(spec)
                     future = pool.submit(
-                        analyze_layer, matrices, conv2d_norm=_is_conv2d(spec), options=options
+                        analyze_layer_spectrum,
+                        matrices,
+                        conv2d_norm=_is_conv2d(spec),
+                        options=options,
                     )
                     del matrices
                     in_flight.append((position, spec, future))
                     while len(in_flight) > jobs:
                         done_position, done_spec, done = in_flight.popleft()
-                        finish(done_position, LayerResult(done_spec, done.result()))
+                        finish(done_position, _layer_result(done_spec, done.result(), keep_spectra))
                 while in_flight:
                     done_position, done_spec, done = in_flight.popleft()
-                    finish(done_position, LayerResult(done_spec, done.result()))
+                    finish(done_position, _layer_result(done_spec, done.result(), keep_spectra))
 
     ordered = [outcomes[position] for position in range(len(selected))]
     return CheckpointReport(
@@ -270,23 +228,111 @@ def analyze_checkpoint(
     )
 
 
-def summarize(report: CheckpointReport) -> Summary:
-    """Counts and means of one report."""
-    fitted = [r.metrics for r in report.layers if r.metrics.fit.status is FitStatus.SUCCESS]
-    means: dict[str, float] = {}
-    for metric in SUMMARY_METRICS:
-        values = [float(getattr(m, metric)) for m in fitted]
-        values = [v for v in values if math.isfinite(v)]
-        means[metric] = sum(values) / len(values) if values else math.nan
-    return Summary(
-        layers_analyzed=len(report.layers),
-        layers_skipped=len(report.skipped),
-        fits_failed=len(report.layers) - len(fitted),
-        over_trained=tuple(
-            r.spec.layer_id for r in report.layers if r.metrics.verdict is Verdict.OVER_TRAINED
-        ),
-        under_trained=tuple(
-            r.spec.layer_id for r in report.layers if r.metrics.verdict is Verdict.UNDER_TRAINED
-        ),
-        means=means,
+def _resolved_sources(checkpoint: Checkpoint) -> tuple[str, ...]:
+    return tuple(os.path.realpath(path) for path in checkpoint.source_files())
+
+
+class ProgressListener(Protocol):
+    """Hears how a run advances (a progress bar); called in the process that runs the unit."""
+
+    def checkpoint_started(self, label: str, total: int) -> None:
+        """A checkpoint was opened and `total` layers were selected."""
+
+    def layer_done(self, spec: LayerSpec) -> None:
+        """One selected layer was analyzed or skipped."""
+
+    def checkpoint_done(self, label: str) -> None:
+        """The checkpoint is done (or failed)."""
+
+
+def _open(path: Path, settings: RunSettings) -> Checkpoint:
+    from wwcli.loaders import open_checkpoint
+
+    return open_checkpoint(path, trust_pickle=settings.trust_pickle)
+
+
+def _selected(checkpoint: Checkpoint, settings: RunSettings) -> list[LayerSpec]:
+    specs = checkpoint.layers()
+    terms = settings.terms()
+    return select_layers(specs, terms) if terms else specs
+
+
+def analyze_path(
+    path: str | Path,
+    settings: RunSettings,
+    *,
+    jobs: int = 1,
+    progress: ProgressListener | None = None,
+) -> CheckpointReport | InputFailure:
+    """Open the checkpoint at `path`, analyze the layers `settings` select, and close it.
+
+    An input that cannot be read gives an InputFailure; a --layers term that matches nothing
+    raises SelectionError (a usage error). Callable in another process: the arguments and the
+    result are picklable (progress must then be None)."""
+    label = str(path)
+    try:
+        with _open(Path(path), settings) as checkpoint:
+            chosen = _selected(checkpoint, settings)
+            if progress is not None:
+                progress.checkpoint_started(label, len(chosen))
+            try:
+                report = analyze_checkpoint(
+                    checkpoint,
+                    chosen,
+                    label=label,
+                    options=settings.engine,
+                    jobs=jobs,
+                    on_layer=progress.layer_done if progress is not None else None,
+                    keep_spectra=settings.keep_spectra,
+                )
+                return dataclasses.replace(report, source_files=_resolved_sources(checkpoint))
+            finally:
+                if progress is not None:
+                    progress.checkpoint_done(label)
+    except LoaderError as error:
+        return InputFailure.from_error(label, error)
+
+
+def list_path(path: str | Path, settings: RunSettings) -> CheckpointListing | InputFailure:
+    """describe's unit of work: the selected layers of the checkpoint at `path`, with the
+    reason analyze would skip each one under `settings`; no weights are read."""
+    label = str(path)
+    try:
+        with _open(Path(path), settings) as checkpoint:
+            layers = tuple(
+                ListedLayer(spec, skip_reason(spec, settings.engine))
+                for spec in _selected(checkpoint, settings)
+            )
+            return CheckpointListing(
+                label, checkpoint.format, checkpoint.ids_note, checkpoint.source_note, layers
+            )
+    except LoaderError as error:
+        return InputFailure.from_error(label, error)
+
+
+def analyze_paths(
+    paths: Sequence[str | Path],
+    settings: RunSettings,
+    *,
+    runner: Runner | None = None,
+    progress: ProgressListener | None = None,
+) -> Iterator[CheckpointReport | InputFailure]:
+    """analyze_path over every path through `runner` (a LocalRunner by default), yielding each
+    outcome in input order as soon as it is done. `progress` is heard only when the runner runs
+    the units in this process."""
+    runner = runner or LocalRunner()
+    function = functools.partial(
+        analyze_path,
+        settings=settings,
+        jobs=runner.layer_jobs,
+        progress=progress if runner.in_process else None,
     )
+    return runner.map(function, list(paths))
+
+
+def list_paths(
+    paths: Sequence[str | Path], settings: RunSettings, *, runner: Runner | None = None
+) -> Iterator[CheckpointListing | InputFailure]:
+    """list_path over every path through `runner`, in input order."""
+    runner = runner or LocalRunner()
+    return runner.map(functools.partial(list_path, settings=settings), list(paths))

@@ -1,7 +1,10 @@
-"""The `wwcli` command line: parses options, wires loaders, engine, reports and the gate.
+"""The `wwcli` command line: commands only. Options become one RunSettings value
+(`settings_from_cli`), the run layer (wwcli/analysis.py) turns paths into reports, the gate
+decides once, and `emit` writes what the user asked for.
 
 stdout carries data only (the table, CSV or JSON); progress, warnings, errors and the summary
-of a csv/json run go to stderr.
+of a csv/json run go to stderr. Every line for people escapes what comes from the file
+(wwcli/report/escape.py).
 """
 
 from __future__ import annotations
@@ -12,36 +15,55 @@ import signal
 import stat
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from wwcli import __version__
-from wwcli.gate import ExitCode, GatePolicy, exit_code, trip_reason
+from wwcli.exit_codes import ExitCode
 from wwcli.report.escape import printable
 
 if TYPE_CHECKING:
-    from wwcli.engine import EngineOptions
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
     from wwcli.loaders import LayerSpec
-    from wwcli.loaders.interface import Checkpoint
+    from wwcli.report.interface import Formatter
+    from wwcli.results import CheckpointReport, RunResult
+    from wwcli.settings import RunSettings
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 no layer tripped the gate; 1 the gate tripped (a layer with alpha below "
     "--fail-below, above --fail-above, or a failed fit with --fail-on-failed-fit); 2 usage "
     "error, or an input that is missing, unreadable, unsupported or unsafe."
 )
+
+class _Command(typer.core.TyperCommand):
+    """A command whose --help groups its options in panels (input, selection, engine, gate,
+    output) and names no Python types: an argument shows its metavar alone, not Typer's
+    <list[Path]>. Plain text, so that --help needs neither rich's help renderer nor markdown
+    (a third of the start-up time)."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if isinstance(param, typer.core.TyperArgument):
+                record = (param.metavar or param.name or "", record[1])
+                panel = "Arguments"
+            else:
+                panel = getattr(param, "rich_help_panel", None) or "Options"
+            sections.setdefault(panel, []).append(record)
+        for panel, records in sections.items():
+            with formatter.section(panel):
+                formatter.write_dl(records)
+
 
 app = typer.Typer(
     name="wwcli",
@@ -55,7 +77,11 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+INPUT, SELECTION, ENGINE, GATE, OUTPUT = "Input", "Selection", "Engine", "Gate", "Output"
+"""The --help panels options are grouped in."""
 
 
 class OutputFormat(enum.StrEnum):
@@ -115,7 +141,8 @@ def main(
     """Heavy-tailed spectral diagnostics (alpha) for saved neural-network checkpoints."""
 
 
-# Options shared by describe and analyze.
+# --- Options shared by the commands ----------------------------------------------------------
+
 PathsArgument = Annotated[
     list[Path],
     typer.Argument(
@@ -123,6 +150,15 @@ PathsArgument = Annotated[
         "model folders (sharded safetensors with an index, Hugging Face folders).",
         show_default=False,
         metavar="PATH",
+    ),
+]
+TrustPickleOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow PyTorch files that hold pickled Python objects (a whole nn.Module). "
+        "Loading such a file can run code from it: only for files you trust.",
+        rich_help_panel=INPUT,
     ),
 ]
 LayersOption = Annotated[
@@ -135,12 +171,17 @@ LayersOption = Annotated[
         "(encoder.*.query), types (dense, conv1d, conv2d, conv, embedding), exclusions "
         "(-3, -lm_head); id:, name:, type: force a reading. Default: all layers.",
         show_default=False,
+        rich_help_panel=SELECTION,
     ),
 ]
 MinEvalsOption = Annotated[
     int,
     typer.Option(
-        "--min-evals", min=1, metavar="N", help="Skip layers with fewer eigenvalues than this."
+        "--min-evals",
+        min=1,
+        metavar="N",
+        help="Skip layers with fewer eigenvalues than this.",
+        rich_help_panel=SELECTION,
     ),
 ]
 MaxEvalsOption = Annotated[
@@ -150,20 +191,19 @@ MaxEvalsOption = Annotated[
         min=0,
         metavar="N",
         help="Skip layers with more eigenvalues than this (weightwatcher's default; 0 = no limit).",
+        rich_help_panel=SELECTION,
     ),
 ]
 FormatOption = Annotated[
-    OutputFormat, typer.Option("--format", "-f", help="What to print on stdout.")
+    OutputFormat,
+    typer.Option("--format", "-f", help="What to print on stdout.", rich_help_panel=OUTPUT),
 ]
-TrustPickleOption = Annotated[
-    bool,
-    typer.Option(
-        "--trust-pickle",
-        help="Allow PyTorch files that hold pickled Python objects (a whole nn.Module). "
-        "Loading such a file can run code from it: only for files you trust.",
-    ),
+DebugOption = Annotated[
+    bool, typer.Option("--debug", help="Show tracebacks on errors.", rich_help_panel=OUTPUT)
 ]
-DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+
+
+# --- People-facing text, errors and signals ----------------------------------------------------
 
 
 @dataclass
@@ -172,8 +212,16 @@ class _Run:
 
     debug: bool
     quiet: bool
-    stderr: Console
-    had_input_error: bool = False
+    _stderr: Console | None = field(default=None, init=False)
+
+    @property
+    def stderr(self) -> Console:
+        """The console on stderr (rich is imported on first use: --help does not need it)."""
+        if self._stderr is None:
+            from rich.console import Console
+
+            self._stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+        return self._stderr
 
     def error(self, message: str) -> None:
         self.stderr.print(f"wwcli: error: {printable(message)}", markup=False, highlight=False)
@@ -183,33 +231,39 @@ class _Run:
             self.stderr.print(printable(message), markup=False, highlight=False)
 
 
-def _stderr_console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
 def _stdout_style() -> tuple[int, bool]:
-    """Width and color for tables on stdout: the terminal's, or wide and plain when piped."""
+    """Width and color for tables on stdout: the terminal's; when piped, the width the user
+    asked for with COLUMNS, or none at all (names are never folded in a file), and no color."""
+    from rich.console import Console
+
     probe = Console(file=sys.stdout)
     if probe.is_terminal:
         return probe.width, not probe.no_color and probe.color_system is not None
     columns = os.environ.get("COLUMNS", "")
-    return (int(columns) if columns.isdigit() else 160), False
+    return (int(columns) if columns.isdigit() and int(columns) > 0 else 100_000), False
 
 
-def _fail(run: _Run, message: str, error: BaseException | None = None) -> NoReturn:
-    if run.debug and error is not None:
-        run.stderr.print("".join(traceback.format_exception(error)), markup=False)
+def _fail(run: _Run, message: str, error: BaseException | str | None = None) -> NoReturn:
+    _show_traceback(run, error)
     run.error(message)
     raise typer.Exit(ExitCode.ERROR)
+
+
+def _show_traceback(run: _Run, error: BaseException | str | None) -> None:
+    """With --debug, the traceback of an error (or its formatted text from another process)."""
+    if not run.debug or not error:
+        return
+    text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
+    run.stderr.print(text, markup=False, highlight=False)
 
 
 @contextmanager
 def _guard(run: _Run) -> Iterator[None]:
     """Turn every failure into one line on stderr and exit code 2 (never 1 for a crash)."""
+    global death_signal
     from wwcli.loaders import LoaderError
     from wwcli.selection import SelectionError
 
-    global death_signal
     try:
         yield
     except typer.Exit:
@@ -248,13 +302,72 @@ def silence_stdout() -> None:
         pass
 
 
-def _engine_options(
-    min_evals: int, max_evals: int, device: Device, precision: Precision
-) -> EngineOptions:
-    from wwcli.engine import EngineOptions
+class _ProgressBar:
+    """A transient progress bar on stderr (layer name, n/N, elapsed), one per checkpoint: the
+    run layer's ProgressListener."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def checkpoint_started(self, label: str, total: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        if total == 0:
+            return
+        self._progress = Progress(
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self._console,
+            transient=True,
+        )
+        self._task = self._progress.add_task(printable(label), total=total)
+        self._progress.start()
+
+    def layer_done(self, spec: LayerSpec) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, advance=1, description=printable(spec.name))
+
+    def checkpoint_done(self, label: str) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        self._progress = self._task = None
+
+
+# --- Settings from the options ---------------------------------------------------------------
+
+
+def settings_from_cli(
+    *,
+    layers: str | None,
+    min_evals: int,
+    max_evals: int,
+    trust_pickle: bool,
+    device: Device = Device.cpu,
+    precision: Precision = Precision.float64,
+    fail_below: float = 2.0,
+    fail_above: float | None = None,
+    fail_on_failed_fit: bool = False,
+    exit_zero: bool = False,
+    keep_spectra: bool = False,
+) -> RunSettings:
+    """The command line's options as one RunSettings; UsageError for values that do not fit
+    together (the message names the options)."""
+    from wwcli.engine.options import EngineOptions
+    from wwcli.gate import GatePolicy
+    from wwcli.settings import RunSettings
 
     try:
-        return EngineOptions(
+        engine = EngineOptions(
             min_evals=min_evals,
             max_evals=max_evals or None,
             backend="torch" if device is Device.cuda else "numpy",
@@ -262,17 +375,88 @@ def _engine_options(
             precision=precision.value,
         )
     except ValueError as error:
-        raise UsageError(str(error)) from error
+        raise UsageError(_option_words(str(error))) from error
+    try:
+        gate = GatePolicy(
+            fail_below=fail_below if fail_below >= 0 else None,
+            fail_above=fail_above,
+            fail_on_failed_fit=fail_on_failed_fit,
+            exit_zero=exit_zero,
+        )
+    except ValueError as error:
+        raise UsageError(_option_words(str(error))) from error
+    return RunSettings(
+        engine=engine,
+        layers=layers,
+        trust_pickle=trust_pickle,
+        gate=gate,
+        keep_spectra=keep_spectra,
+    )
 
 
-def _check_device(options: EngineOptions) -> None:
+def _option_words(message: str) -> str:
+    """An engine or gate message with field names replaced by the options that set them."""
+    for name in ("min_evals", "max_evals", "fail_below", "fail_above"):
+        message = message.replace(name, "--" + name.replace("_", "-"))
+    return message
+
+
+def _check_device(settings: RunSettings) -> None:
     """Fail before reading anything when the eigensolver cannot run where it was asked to."""
     from wwcli.engine import check_backend
 
     try:
-        check_backend(backend=options.backend, device=options.device)
+        check_backend(backend=settings.engine.backend, device=settings.engine.device)
     except ValueError as error:
-        raise UsageError(f"--device {options.device}: {error}") from error
+        raise UsageError(f"--device {settings.engine.device}: {error}") from error
+
+
+# --- Report files --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportFile:
+    """A report the user asked to be written to a file."""
+
+    path: Path
+    """Where."""
+    option: str
+    """The option that asked for it ("--csv"), for messages."""
+    output_format: OutputFormat
+    """What goes in it."""
+
+
+CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5", ".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def _check_output_target(target: ReportFile, inputs: Sequence[Path]) -> None:
+    """Refuse output paths that would overwrite an input or a checkpoint-looking file."""
+    resolved = target.path.expanduser().resolve()
+    for path in inputs:
+        if resolved == path.expanduser().resolve():
+            raise UsageError(
+                f"{target.option} {target.path}: refusing to overwrite the input checkpoint"
+            )
+    if resolved.suffix.lower() in CHECKPOINT_SUFFIXES:
+        raise UsageError(
+            f"{target.option} {target.path}: refusing to write a report over a checkpoint name"
+        )
+    if resolved.is_dir():
+        raise UsageError(f"{target.option} {target.path}: is a folder")
+    if not resolved.parent.is_dir():
+        raise UsageError(f"{target.option} {target.path}: folder {resolved.parent} does not exist")
+
+
+def _check_not_read(targets: Sequence[ReportFile], report: CheckpointReport) -> None:
+    """Refuse report paths that are one of the files a checkpoint was read from (a folder's
+    index or shard)."""
+    read = set(report.source_files)
+    for target in targets:
+        if os.path.realpath(target.path.expanduser()) in read:
+            raise UsageError(
+                f"{target.option} {target.path}: refusing to overwrite a file the checkpoint "
+                f"{report.checkpoint} is read from"
+            )
 
 
 def _write_atomically(target: Path, text: str) -> None:
@@ -310,68 +494,90 @@ def _write_atomically(target: Path, text: str) -> None:
         raise
 
 
-CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5", ".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+# --- Running and emitting ----------------------------------------------------------------------
 
 
-def _check_output_target(target: Path, inputs: Sequence[Path], option: str) -> None:
-    """Refuse output paths that would overwrite an input or a checkpoint-looking file."""
-    resolved = target.expanduser().resolve()
-    for path in inputs:
-        source = path.expanduser().resolve()
-        if resolved == source:
-            raise UsageError(f"{option} {target}: refusing to overwrite the input checkpoint")
-    if resolved.suffix.lower() in CHECKPOINT_SUFFIXES:
-        raise UsageError(f"{option} {target}: refusing to write a report over a checkpoint name")
-    if resolved.is_dir():
-        raise UsageError(f"{option} {target}: is a folder")
-    if not resolved.parent.is_dir():
-        raise UsageError(f"{option} {target}: folder {resolved.parent} does not exist")
+def _formatter(output_format: OutputFormat) -> Formatter:
+    from wwcli.report.interface import formatter_for
+
+    width, color = _stdout_style()
+    return formatter_for(output_format.value, width=width, color=color)
 
 
-def _check_not_read(targets: Sequence[tuple[Path, str]], checkpoint: Checkpoint) -> None:
-    """Refuse report paths that are one of the files this checkpoint reads (a folder's index or
-    shard), before any of it is analyzed."""
-    read = {Path(os.path.realpath(path)) for path in checkpoint.source_files()}
-    for target, option in targets:
-        if Path(os.path.realpath(target.expanduser())) in read:
-            raise UsageError(
-                f"{option} {target}: refusing to overwrite a file the checkpoint "
-                f"{checkpoint.path} is read from"
-            )
+def _run_analysis(
+    run: _Run,
+    paths: Sequence[Path],
+    settings: RunSettings,
+    *,
+    jobs: int | None,
+    stdout_format: Formatter,
+    targets: Sequence[ReportFile],
+) -> RunResult:
+    """Analyze every path through the run layer, streaming what can be shown as each report
+    arrives (a table, or the summary on stderr; an unreadable input's error line)."""
+    from wwcli.analysis import analyze_paths
+    from wwcli.report.table import summary_lines
+    from wwcli.results import InputFailure, RunResult
+    from wwcli.runners import LocalRunner, default_jobs
+
+    progress = None if run.quiet or not run.stderr.is_terminal else _ProgressBar(run.stderr)
+    runner = LocalRunner(jobs=jobs or default_jobs())
+    reports = []
+    failures = []
+    for outcome in analyze_paths(paths, settings, runner=runner, progress=progress):
+        if isinstance(outcome, InputFailure):
+            _show_traceback(run, outcome.traceback)
+            run.error(outcome.message)
+            failures.append(outcome)
+            continue
+        _check_not_read(targets, outcome)
+        reports.append(outcome)
+        if stdout_format.streams:
+            sys.stdout.write(stdout_format.render_report(outcome))
+            sys.stdout.flush()
+        else:
+            for line in summary_lines(outcome):
+                run.info(line)
+    return RunResult(settings, tuple(reports), tuple(failures))
 
 
-@contextmanager
-def _progress(run: _Run, label: str, total: int) -> Iterator[Callable[[LayerSpec], None] | None]:
-    """A transient progress bar on stderr when it is a terminal (layer name, n/N, elapsed);
-    yields the callback that advances it, or None when there is no bar."""
-    if run.quiet or not run.stderr.is_terminal or total == 0:
-        yield None
-        return
-    progress = Progress(
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=run.stderr,
-        transient=True,
-    )
-    task = progress.add_task(printable(label), total=total)
+def emit(
+    run: _Run, result: RunResult, stdout_format: Formatter, targets: Sequence[ReportFile]
+) -> ExitCode:
+    """Write what the run asked for: the rest of stdout, the report files (only when every input
+    was read), the gate's trips; return the exit code the gate decided."""
+    from wwcli.gate import evaluate
 
-    def advance(spec: LayerSpec) -> None:
-        progress.update(task, advance=1, description=printable(spec.name))
+    if result.reports and not stdout_format.streams:
+        sys.stdout.write(stdout_format.render(result))
+    outcome = evaluate(result)
+    if result.failures:
+        if len(result.failures) + len(result.reports) > 1:
+            run.error("some inputs could not be read; no report files were written")
+        return outcome.code
+    for target in targets:
+        file_format = _formatter(target.output_format)
+        _write_atomically(target.path, file_format.render(result))
+    for trip in outcome.trips:
+        run.stderr.print(
+            printable(f"gate: {trip.checkpoint}: layer {trip.layer_id} {trip.name}: {trip.reason}"),
+            markup=False,
+            highlight=False,
+        )
+    return outcome.code
 
-    with progress:
-        yield advance
+
+# --- Commands ----------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def describe(
     paths: PathsArgument,
+    trust_pickle: TrustPickleOption = False,
     layers: LayersOption = None,
     min_evals: MinEvalsOption = 8,
     max_evals: MaxEvalsOption = 15000,
     output_format: FormatOption = OutputFormat.table,
-    trust_pickle: TrustPickleOption = False,
     debug: DebugOption = False,
 ) -> None:
     """List the layers of checkpoints: id, name, type, shape, number of eigenvalues, and
@@ -382,106 +588,39 @@ def describe(
       wwcli describe model.keras
 
       wwcli describe ./hf-model/ --format json
+
+      wwcli describe model.safetensors --layers dense --format csv
     """
-    run = _Run(debug=debug, quiet=False, stderr=_stderr_console())
+    run = _Run(debug=debug, quiet=False)
     with _guard(run):
-        from wwcli.loaders import open_checkpoint
-        from wwcli.report.csv import render_csv
-        from wwcli.report.json import Listing, describe_document, render_json
-        from wwcli.report.rows import DESCRIBE_COLUMNS, describe_row
-        from wwcli.report.table import render_describe_table
-        from wwcli.selection import parse_layers, select_layers
+        from wwcli.analysis import list_paths
+        from wwcli.results import InputFailure
 
-        options = _engine_options(min_evals, max_evals, Device.cpu, Precision.float64)
-        terms = parse_layers(layers) if layers is not None else ()
+        settings = settings_from_cli(
+            layers=layers, min_evals=min_evals, max_evals=max_evals, trust_pickle=trust_pickle
+        )
         listings = []
-        for path in paths:
-            with open_checkpoint(path, trust_pickle=trust_pickle) as checkpoint:
-                specs = checkpoint.layers()
-                chosen = select_layers(specs, terms) if terms else specs
-                rows = [describe_row(str(path), spec, options) for spec in chosen]
-                listings.append(
-                    Listing(
-                        str(path),
-                        checkpoint.format,
-                        checkpoint.ids_note,
-                        checkpoint.source_note,
-                        rows,
-                    )
-                )
-        if output_format is OutputFormat.json:
-            sys.stdout.write(render_json(describe_document(listings)))
-        elif output_format is OutputFormat.csv:
-            all_rows = [row for listing in listings for row in listing.rows]
-            sys.stdout.write(render_csv(all_rows, DESCRIBE_COLUMNS))
-        else:
-            width, color = _stdout_style()
-            for listing in listings:
-                sys.stdout.write(
-                    render_describe_table(
-                        listing.checkpoint,
-                        (listing.source_note, listing.ids_note),
-                        listing.rows,
-                        width=width,
-                        color=color,
-                    )
-                )
+        for outcome in list_paths(paths, settings):
+            if isinstance(outcome, InputFailure):
+                _fail(run, outcome.message, outcome.traceback)  # stops at the first one
+            listings.append(outcome)
+        sys.stdout.write(_formatter(output_format).render_listings(listings))
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def analyze(
     paths: PathsArgument,
+    trust_pickle: TrustPickleOption = False,
     layers: LayersOption = None,
     min_evals: MinEvalsOption = 8,
     max_evals: MaxEvalsOption = 15000,
-    output_format: FormatOption = OutputFormat.table,
-    csv_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--csv",
-            metavar="FILE",
-            help="Also write the results as CSV to this file.",
-            dir_okay=False,
-        ),
-    ] = None,
-    json_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--json",
-            metavar="FILE",
-            help="Also write the results as JSON to this file.",
-            dir_okay=False,
-        ),
-    ] = None,
-    fail_below: Annotated[
-        float,
-        typer.Option(
-            "--fail-below",
-            metavar="ALPHA",
-            help="Gate: exit 1 when a layer's alpha is below this. A negative value turns the "
-            "check off.",
-        ),
-    ] = 2.0,
-    fail_above: Annotated[
-        float | None,
-        typer.Option(
-            "--fail-above",
-            metavar="ALPHA",
-            help="Gate: exit 1 when a layer's alpha is above this (6 marks under-trained). "
-            "Off by default.",
-            show_default=False,
-        ),
-    ] = None,
-    fail_on_failed_fit: Annotated[
-        bool,
-        typer.Option("--fail-on-failed-fit", help="Gate: exit 1 when a power-law fit failed."),
-    ] = False,
-    exit_zero: Annotated[
-        bool, typer.Option("--exit-zero", help="Report, but always exit 0 unless an error.")
-    ] = False,
     device: Annotated[
         Device,
-        typer.Option("--device", help="Where to compute eigenvalues (cuda needs torch)."),
+        typer.Option(
+            "--device",
+            help="Where to compute eigenvalues (cuda needs torch).",
+            rich_help_panel=ENGINE,
+        ),
     ] = Device.cpu,
     precision: Annotated[
         Precision,
@@ -489,6 +628,7 @@ def analyze(
             "--precision",
             help="Precision of the Gram matrix and eigensolver. float32 is an opt-in for GPUs; "
             "it loses the smallest eigenvalues and is not faster on CPU.",
+            rich_help_panel=ENGINE,
         ),
     ] = Precision.float64,
     jobs: Annotated[
@@ -501,11 +641,71 @@ def analyze(
             help="Layers analyzed in parallel, BLAS capped to one thread each "
             "(default: the number of cores); 1 = one layer at a time.",
             show_default=False,
+            rich_help_panel=ENGINE,
         ),
     ] = None,
-    trust_pickle: TrustPickleOption = False,
+    fail_below: Annotated[
+        float,
+        typer.Option(
+            "--fail-below",
+            metavar="ALPHA",
+            help="Exit 1 when a layer's alpha is below this. A negative value turns the check off.",
+            rich_help_panel=GATE,
+        ),
+    ] = 2.0,
+    fail_above: Annotated[
+        float | None,
+        typer.Option(
+            "--fail-above",
+            metavar="ALPHA",
+            help="Exit 1 when a layer's alpha is above this (6 marks under-trained). "
+            "Off by default.",
+            show_default=False,
+            rich_help_panel=GATE,
+        ),
+    ] = None,
+    fail_on_failed_fit: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-failed-fit",
+            help="Exit 1 when a power-law fit failed.",
+            rich_help_panel=GATE,
+        ),
+    ] = False,
+    exit_zero: Annotated[
+        bool,
+        typer.Option(
+            "--exit-zero",
+            help="Report, but always exit 0 unless an error.",
+            rich_help_panel=GATE,
+        ),
+    ] = False,
+    output_format: FormatOption = OutputFormat.table,
+    csv_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv",
+            metavar="FILE",
+            help="Also write the results as CSV to this file.",
+            dir_okay=False,
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
+    json_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--json",
+            metavar="FILE",
+            help="Also write the results as JSON to this file.",
+            dir_okay=False,
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="No progress or summary on stderr.", rich_help_panel=OUTPUT
+        ),
     ] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -523,103 +723,34 @@ def analyze(
 
       wwcli analyze run/ckpt-*.keras --fail-below 2 --fail-above 6
     """
-    run = _Run(debug=debug, quiet=quiet, stderr=_stderr_console())
+    run = _Run(debug=debug, quiet=quiet)
     with _guard(run):
-        from wwcli.analysis import CheckpointReport, analyze_checkpoint, default_jobs
-        from wwcli.loaders import LoaderError, open_checkpoint
-        from wwcli.report.csv import render_csv
-        from wwcli.report.json import analyze_document, render_json
-        from wwcli.report.rows import ANALYZE_COLUMNS, analyze_rows
-        from wwcli.report.table import render_analyze_table, summary_lines
-        from wwcli.selection import parse_layers, select_layers
-
-        try:
-            policy = GatePolicy(
-                fail_below=fail_below if fail_below >= 0 else None,
-                fail_above=fail_above,
-                fail_on_failed_fit=fail_on_failed_fit,
-                exit_zero=exit_zero,
-            )
-        except ValueError as error:
-            raise UsageError(str(error)) from error
-        options = _engine_options(min_evals, max_evals, device, precision)
-        _check_device(options)
-        terms = parse_layers(layers) if layers is not None else ()
+        settings = settings_from_cli(
+            layers=layers,
+            min_evals=min_evals,
+            max_evals=max_evals,
+            trust_pickle=trust_pickle,
+            device=device,
+            precision=precision,
+            fail_below=fail_below,
+            fail_above=fail_above,
+            fail_on_failed_fit=fail_on_failed_fit,
+            exit_zero=exit_zero,
+        )
+        _check_device(settings)
         targets = [
-            (target, option)
-            for target, option in ((csv_file, "--csv"), (json_file, "--json"))
-            if target is not None
+            ReportFile(path, option, file_format)
+            for path, option, file_format in (
+                (csv_file, "--csv", OutputFormat.csv),
+                (json_file, "--json", OutputFormat.json),
+            )
+            if path is not None
         ]
-        for target, option in targets:
-            _check_output_target(target, paths, option)
-
-        reports: list[CheckpointReport] = []
-        for path in paths:
-            try:
-                with open_checkpoint(path, trust_pickle=trust_pickle) as checkpoint:
-                    _check_not_read(targets, checkpoint)
-                    specs = checkpoint.layers()
-                    chosen = select_layers(specs, terms) if terms else specs
-                    with _progress(run, str(path), len(chosen)) as advance:
-                        report = analyze_checkpoint(
-                            checkpoint,
-                            chosen,
-                            label=str(path),
-                            options=options,
-                            jobs=jobs or default_jobs(),
-                            on_layer=advance,
-                        )
-            except LoaderError as error:
-                if len(paths) == 1:
-                    raise
-                run.error(str(error))
-                run.had_input_error = True
-                continue
-            reports.append(report)
-            if output_format is OutputFormat.table:
-                width, color = _stdout_style()
-                sys.stdout.write(render_analyze_table(report, width=width, color=color))
-                sys.stdout.flush()
-            else:
-                for line in summary_lines(report):
-                    run.info(line)
-
-        option_values = {
-            "layers": layers,
-            "min_evals": min_evals,
-            "max_evals": max_evals or None,
-            "fail_below": policy.fail_below,
-            "fail_above": policy.fail_above,
-            "fail_on_failed_fit": fail_on_failed_fit,
-            "device": device.value,
-            "precision": precision.value,
-        }
-        rows = [row for report in reports for row in analyze_rows(report)]
-        if output_format is OutputFormat.json:
-            sys.stdout.write(render_json(analyze_document(reports, option_values)))
-        elif output_format is OutputFormat.csv:
-            sys.stdout.write(render_csv(rows, ANALYZE_COLUMNS))
-
-        if run.had_input_error:
-            run.error("some inputs could not be read; no report files were written")
-            raise typer.Exit(ExitCode.ERROR)
-        if csv_file is not None:
-            _write_atomically(csv_file, render_csv(rows, ANALYZE_COLUMNS))
-        if json_file is not None:
-            _write_atomically(json_file, render_json(analyze_document(reports, option_values)))
-
-        results = [result for report in reports for result in report.layers]
-        code = exit_code(results, policy)
-        for report in reports:
-            for result in report.layers:
-                reason = trip_reason(result, policy)
-                if reason is not None and not policy.exit_zero:
-                    run.stderr.print(
-                        printable(
-                            f"gate: {report.checkpoint}: layer {result.spec.layer_id} "
-                            f"{result.spec.name}: {reason}"
-                        ),
-                        markup=False,
-                        highlight=False,
-                    )
-        raise typer.Exit(code)
+        for target in targets:
+            _check_output_target(target, paths)
+        stdout_format = _formatter(output_format)
+        result = _run_analysis(
+            run, paths, settings, jobs=jobs, stdout_format=stdout_format, targets=targets
+        )
+        code = emit(run, result, stdout_format, targets)
+    raise typer.Exit(code)

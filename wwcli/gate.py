@@ -1,27 +1,21 @@
-"""The exit-code policy: which layers make `wwcli analyze` fail a CI job."""
+"""The exit-code policy: which layers make `wwcli analyze` fail a CI job. Decided once per run
+(`evaluate`); the command line prints the outcome's trips and returns its code."""
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from wwcli.analysis import LayerResult
 from wwcli.engine.results import FitStatus
+from wwcli.exit_codes import ExitCode
+from wwcli.results import LayerResult
 
+if TYPE_CHECKING:
+    from wwcli.results import RunResult
 
-class ExitCode(enum.IntEnum):
-    """What `wwcli` returns to the shell."""
-
-    OK = 0
-    """No layer tripped the gate (or --exit-zero was given)."""
-    GATE = 1
-    """Some analyzed layer tripped the gate: alpha below --fail-below, above --fail-above, or a
-    failed fit with --fail-on-failed-fit."""
-    ERROR = 2
-    """Usage error, or an input that is missing, unreadable, unsupported or unsafe; also any
-    internal error (a crash is never reported as 1)."""
+__all__ = ["ExitCode", "GateOutcome", "GatePolicy", "Trip", "evaluate", "exit_code", "trip_reason"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +46,31 @@ class GatePolicy:
             )
 
 
+@dataclass(frozen=True)
+class Trip:
+    """A layer that tripped the gate, and why."""
+
+    checkpoint: str
+    """The checkpoint's path as the user gave it."""
+    layer_id: int
+    """The layer's id."""
+    name: str
+    """The layer's full name in the file."""
+    reason: str
+    """Why it tripped, for people ("alpha 1.750 < 2")."""
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """The gate's decision on a run: the exit code and the layers that tripped."""
+
+    code: ExitCode
+    """ERROR when an input could not be read; else GATE when a layer tripped (and the policy
+    does not say exit_zero); else OK."""
+    trips: tuple[Trip, ...]
+    """Every layer that tripped, in input and id order (empty under exit_zero)."""
+
+
 def trip_reason(result: LayerResult, policy: GatePolicy) -> str | None:
     """Why this layer trips the gate under `policy`, or None when it does not."""
     fit = result.metrics.fit
@@ -72,3 +91,19 @@ def exit_code(results: Iterable[LayerResult], policy: GatePolicy) -> ExitCode:
         return ExitCode.OK
     tripped = any(trip_reason(result, policy) is not None for result in results)
     return ExitCode.GATE if tripped else ExitCode.OK
+
+
+def evaluate(run: RunResult, policy: GatePolicy | None = None) -> GateOutcome:
+    """The gate's decision on `run` under `policy` (the run's own by default)."""
+    policy = policy or run.settings.gate
+    trips: list[Trip] = []
+    if not policy.exit_zero:
+        for report in run.reports:
+            for result in report.layers:
+                reason = trip_reason(result, policy)
+                if reason is not None:
+                    trips.append(
+                        Trip(report.checkpoint, result.spec.layer_id, result.spec.name, reason)
+                    )
+    code = ExitCode.ERROR if run.failures else ExitCode.GATE if trips else ExitCode.OK
+    return GateOutcome(code, tuple(trips))

@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -86,25 +87,16 @@ def test_gate_lines_show_hostile_names_escaped_on_one_line(tmp_path: Path) -> No
     assert names == set(HOSTILE_NAMES)  # machine output keeps the exact names
 
 
-def test_the_table_is_safe_in_color_too(tmp_path: Path) -> None:
+def test_the_table_is_safe_in_color_too() -> None:
+    from tests.results_factory import spec
     from wwcli.report.table import render_describe_table
+    from wwcli.results import CheckpointListing, ListedLayer
 
-    rows = [
-        {
-            "layer_id": 0,
-            "name": name,
-            "layer_type": "dense",
-            "shape": "48x24",
-            "N": 48,
-            "M": 24,
-            "rf": 1,
-            "num_evals": 24,
-            "analyzable": True,
-            "reason": None,
-        }
-        for name in HOSTILE_NAMES
-    ]
-    text = render_describe_table("f\x1b]0;t\x07", [None], rows, width=120, color=True)
+    layers = tuple(
+        ListedLayer(spec(i, name, shape=(48, 24)), None) for i, name in enumerate(HOSTILE_NAMES)
+    )
+    listing = CheckpointListing("f\x1b]0;t\x07", "safetensors", None, None, layers)
+    text = render_describe_table(listing, width=120, color=True)
     assert "\x07" not in text and "]8;" not in text and "\u202e" not in text
     assert "\x1b]" not in text  # colour codes are CSI (ESC [), never OSC (ESC ])
 
@@ -243,12 +235,27 @@ def test_a_signal_stops_the_run_and_the_process_dies_by_it(signum: int, tmp_path
 
 
 def test_ctrl_c_during_start_up_prints_no_traceback() -> None:
-    process = _start(["describe", str(_fixture())])
-    time.sleep(0.05)  # while Python imports typer, rich and wwcli
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert b"Traceback" not in stderr
-    assert process.returncode in (-signal.SIGINT, 0)  # 0 only if it finished first
+    # A real SIGINT, delivered while the command line's modules are being imported.
+    code = textwrap.dedent(
+        """
+        import builtins, os, signal, sys
+        real_import = builtins.__import__
+        def interrupting_import(name, *args, **kwargs):
+            if name == "typer":
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_import(name, *args, **kwargs)
+        builtins.__import__ = interrupting_import
+        sys.argv = ["wwcli", "--help"]
+        from wwcli.entry import main
+        main()
+        """
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=60, check=False
+    )
+    assert b"Traceback" not in completed.stderr, completed.stderr
+    assert completed.stdout == b""
+    assert completed.returncode == -signal.SIGINT
 
 
 def test_a_closed_stdout_ends_the_run_quietly() -> None:

@@ -4,12 +4,12 @@ import re
 
 from tests.results_factory import report, result, spec
 from wwcli import __version__
-from wwcli.analysis import SkippedLayer
 from wwcli.loaders.interface import LayerType
 from wwcli.report.csv import render_csv
 from wwcli.report.json import analyze_document, render_json
 from wwcli.report.rows import ANALYZE_COLUMNS, analyze_rows
 from wwcli.report.table import render_analyze_table
+from wwcli.results import SkippedLayer
 
 DENSE = spec(1, "dense", shape=(784, 300))
 HIDDEN = spec(2, "dense_1", shape=(300, 100))
@@ -136,12 +136,13 @@ def test_table_fits_an_80_column_terminal() -> None:
     kept = header.split()
     assert kept[:2] == ["id", "name"] and "alpha" in kept and kept[-1] == "verdict"
     assert "log_norm" not in kept and "stable_rank" not in kept  # low priority gives way
-    # The long name is folded inside its column, never cut: its pieces read back in order.
+    # The long name is folded inside its column, never cut: its pieces read back in order,
+    # and it folds after dots, not inside a word.
     row = lines.index(header) + 2
     start = lines[row].index("model.")
-    width = len(lines[row][start:].split()[0])
-    pieces = [line[start : start + width].strip() for line in lines[row : row + 4]]
+    pieces = [line[start:].split()[0] for line in lines[row : row + 4]]
     assert "".join(pieces) == long_name
+    assert all(piece.endswith(".") for piece in pieces[:-1])
 
 
 def test_the_summary_names_at_most_ten_layers_per_verdict() -> None:

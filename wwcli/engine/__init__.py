@@ -1,7 +1,8 @@
 """Pure numerics: weight matrices in, eigenvalues, power-law fits and layer metrics out.
 
 The app calls two functions: ``check_size`` (before reading a layer's weights: is the layer in
-the size range weightwatcher analyzes?) and ``analyze_layer`` (its matrices -> ``LayerMetrics``).
+the size range weightwatcher analyzes?) and ``analyze_layer_spectrum`` (its matrices ->
+``LayerMetrics`` and the eigenvalues; ``analyze_layer`` without them).
 Nothing here reads files, prints, logs or imports a framework at import time; bad numbers in the
 weights give a failed result with a reason, never an exception.
 """
@@ -45,6 +46,7 @@ __all__ = [
     "PowerLawFit",
     "Verdict",
     "analyze_layer",
+    "analyze_layer_spectrum",
     "as_real_matrix",
     "check_backend",
     "check_size",
@@ -130,7 +132,20 @@ def analyze_layer(
     conv2d_norm: bool = False,
     options: EngineOptions = DEFAULT_OPTIONS,
 ) -> LayerMetrics:
-    """The metrics of one layer: the pooled eigenvalues of its matrices, their power-law fit
+    """The metrics of one layer (``analyze_layer_spectrum`` without the eigenvalues)."""
+    return analyze_layer_spectrum(matrices, conv2d_norm=conv2d_norm, options=options)[0]
+
+
+def analyze_layer_spectrum(
+    matrices: Sequence[NDArray[Any]],
+    *,
+    conv2d_norm: bool = False,
+    options: EngineOptions = DEFAULT_OPTIONS,
+) -> tuple[LayerMetrics, NDArray[np.float64] | None]:
+    """The metrics of one layer, and the pooled eigenvalues they were computed from (ascending;
+    None when none could be computed: non-finite weights, an empty matrix, an overflow).
+
+    The metrics of one layer: the pooled eigenvalues of its matrices, their power-law fit
     and the verdict.
 
     `matrices` are the layer's 2-D arrays (one for a dense layer, one per kernel position for a
@@ -146,10 +161,10 @@ def analyze_layer(
     arrays, N, M = _layer_matrices(matrices)
     rf = len(arrays)
     if M == 0:
-        return _failed_layer(N=N, M=M, rf=rf, message="empty matrix (a side of length 0)")
+        return _failed_layer(N=N, M=M, rf=rf, message="empty matrix (a side of length 0)"), None
     for array in arrays:
         if not np.isfinite(array).all():
-            return _failed_layer(N=N, M=M, rf=rf, message="non-finite weights")
+            return _failed_layer(N=N, M=M, rf=rf, message="non-finite weights"), None
     values = pooled_eigenvalues(
         arrays,
         conv2d_norm=conv2d_norm,
@@ -160,7 +175,7 @@ def analyze_layer(
     )
     if not np.isfinite(values).all():
         message = f"non-finite eigenvalues: the Gram matrix overflowed {options.precision}"
-        return _failed_layer(N=N, M=M, rf=rf, message=message)
+        return _failed_layer(N=N, M=M, rf=rf, message=message), None
     noise_floor = gram_noise_floor(float(values[-1]), M=M, precision=options.precision)
     threshold = max(options.eigenvalue_threshold, noise_floor)
     above = values[values > threshold]
@@ -176,7 +191,7 @@ def analyze_layer(
     rank = None
     if values[-1] > 0 and values[0] <= 2 * noise_floor:
         rank = svd_matrix_rank(arrays, N=N, backend=options.backend, device=options.device)
-    return layer_metrics(
+    metrics = layer_metrics(
         values,
         N=N,
         M=M,
@@ -187,3 +202,4 @@ def analyze_layer(
         over_trained_below=options.over_trained_below,
         under_trained_above=options.under_trained_above,
     )
+    return metrics, values

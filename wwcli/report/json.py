@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from wwcli import __version__
-from wwcli.analysis import CheckpointReport, Summary, summarize
-from wwcli.report.rows import Row, analyze_rows, finite_or_none
+from wwcli.report.columns import finite_or_none
+from wwcli.report.rows import analyze_rows, listing_rows
+from wwcli.results import CheckpointListing, CheckpointReport, RunResult, Summary, summarize
 
 
 def summary_object(summary: Summary) -> dict[str, Any]:
@@ -56,23 +56,12 @@ def analyze_document(reports: Sequence[CheckpointReport], options: dict[str, Any
     return {"wwcli_version": __version__, "options": options, "checkpoints": objects}
 
 
-@dataclass(frozen=True)
-class Listing:
-    """What describe found in one checkpoint."""
-
-    checkpoint: str
-    """The path as the user gave it."""
-    format: str
-    """The format the loader read it as."""
-    ids_note: str | None
-    """Set when the ids are not weightwatcher's ids for the model."""
-    source_note: str | None
-    """Set when the weights came from part of the file."""
-    rows: list[Row]
-    """One describe row per listed layer."""
+def run_document(run: RunResult) -> Any:
+    """analyze_document of a run, its `options` from the run's settings."""
+    return analyze_document(run.reports, run.settings.to_json())
 
 
-def describe_document(listings: Sequence[Listing]) -> Any:
+def describe_document(listings: Sequence[CheckpointListing]) -> Any:
     """describe's JSON: per checkpoint {"wwcli_version", "checkpoint", "format", "ids_note",
     "source_note", "layers"}; several are wrapped in {"wwcli_version", "checkpoints": [...]}."""
     objects = [
@@ -82,7 +71,7 @@ def describe_document(listings: Sequence[Listing]) -> Any:
             "format": listing.format,
             "ids_note": listing.ids_note,
             "source_note": listing.source_note,
-            "layers": listing.rows,
+            "layers": listing_rows(listing),
         }
         for listing in listings
     ]

@@ -1,22 +1,47 @@
-"""Tables for people (rich): analyze results with over-trained rows highlighted, and describe
-listings. Formatters return text; the CLI decides where it goes."""
+"""Tables for people (rich): analyze results with very heavy-tailed rows highlighted, and
+describe listings. Columns come from the registry (wwcli/report/columns.py); every cell is
+plain text, never markup. Formatters return text; the CLI decides where it goes."""
 
 from __future__ import annotations
 
 import io
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from wwcli.analysis import CheckpointReport, LayerResult, SkippedLayer, Summary, summarize
 from wwcli.engine.results import Verdict
+from wwcli.report.columns import (
+    ANALYZE_REGISTRY,
+    DESCRIBE_REGISTRY,
+    VERDICT_WORDS,
+    Item,
+    TableView,
+    number,
+    table_views,
+)
 from wwcli.report.escape import printable
-from wwcli.report.rows import Row, shape_text
+from wwcli.results import (
+    CheckpointListing,
+    CheckpointReport,
+    LayerResult,
+    SkippedLayer,
+    Summary,
+    summarize,
+)
+
+__all__ = [
+    "PLAIN_TABLE_ROWS",
+    "VERDICT_STYLES",
+    "VERDICT_WORDS",
+    "fold_name",
+    "listing_summary",
+    "render_analyze_table",
+    "render_describe_table",
+    "summary_lines",
+]
 
 VERDICT_STYLES: dict[Verdict, str] = {
     Verdict.OVER_TRAINED: "bold red",
@@ -26,85 +51,68 @@ VERDICT_STYLES: dict[Verdict, str] = {
 }
 """Row style per verdict."""
 
-VERDICT_WORDS: dict[Verdict, str] = {
-    Verdict.OVER_TRAINED: "possibly over-trained",
-    Verdict.UNDER_TRAINED: "possibly under-trained",
-    Verdict.TYPICAL: "typical",
-    Verdict.FAILED: "fit failed",
-}
-"""How the table words a verdict: a heuristic, so the words stay modest."""
-
-
-def _number(value: float, digits: int = 3) -> str:
-    if not math.isfinite(value):
-        return "-"
-    magnitude = abs(value)
-    if magnitude != 0 and (magnitude >= 1e5 or magnitude < 10 ** -(digits - 1)):
-        return f"{value:.{digits - 1}e}"
-    return f"{value:.{digits}f}"
-
-
-@dataclass(frozen=True)
-class _Column:
-    header: str
-    cell: Callable[[LayerResult], str]
-    priority: int
-    """Lower numbers are kept first on a narrow terminal."""
-    numeric: bool = True
-
-
-def _verdict_cell(result: LayerResult) -> str:
-    words = VERDICT_WORDS[result.metrics.verdict]
-    message = result.metrics.fit.message
-    return printable(f"{words}: {message}") if message else words
-
-
-_ANALYZE_COLUMNS: tuple[_Column, ...] = (
-    _Column("id", lambda r: str(r.spec.layer_id), 0),
-    _Column("name", lambda r: printable(r.spec.name), 0, numeric=False),
-    _Column("type", lambda r: r.spec.layer_type.value, 3, numeric=False),
-    _Column("shape", lambda r: shape_text(r.spec.shape), 5, numeric=False),
-    _Column("evals", lambda r: str(r.metrics.num_evals), 4),
-    _Column("alpha", lambda r: _number(r.metrics.alpha), 0),
-    _Column("D", lambda r: _number(r.metrics.fit.D), 2),
-    _Column("xmin", lambda r: _number(r.metrics.fit.xmin), 6),
-    _Column("lambda_max", lambda r: _number(r.metrics.lambda_max), 2),
-    _Column(
-        "spikes",
-        lambda r: str(r.metrics.fit.num_pl_spikes) if r.metrics.fit.num_pl_spikes >= 0 else "-",
-        6,
-    ),
-    _Column("log_norm", lambda r: _number(r.metrics.log_norm), 7),
-    _Column("stable_rank", lambda r: _number(r.metrics.stable_rank), 7),
-    _Column("verdict", _verdict_cell, 1, numeric=False),
-)
-
+PLAIN_TABLE_ROWS = 2000
+"""Past this many rows a table is laid out as plain text: rich's layout costs about 1.2 ms a row
+(36 s for 30,000 tensors), plain columns a few microseconds."""
 
 _CELL_PADDING = 3
 """Characters a column takes beyond its text in a SIMPLE_HEAD table (padding and separator)."""
+_TABLE_EDGES = 2
+"""Characters a SIMPLE_HEAD table takes at its two edges."""
 _FOLDED_NAME_WIDTH = 16
 """Narrowest the name column gets before low-priority columns are dropped: names fold."""
 
 
-def _fitting_columns(
-    columns: Sequence[_Column], results: Sequence[LayerResult], width: int
-) -> list[_Column]:
-    """The columns whose content fits in `width`, dropping the least important first, in order.
-    The name column may fold to a narrower width; numbers never wrap."""
+def fold_name(name: str, width: int) -> str:
+    """`name` broken into lines of at most `width` characters, after dots where it can be
+    (encoder.layer.0. / attention.self.query), inside a token only when one is longer."""
+    if len(name) <= width:
+        return name
+    lines: list[str] = []
+    line = ""
+    for token in name.replace(".", ".\0").split("\0"):
+        while len(token) > width:  # one token longer than the column: fold it where it must
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(token[:width])
+            token = token[width:]
+        if len(line) + len(token) > width:
+            lines.append(line)
+            line = token
+        else:
+            line += token
+    if line:
+        lines.append(line)
+    return "\n".join(lines)
 
-    def needed(column: _Column) -> int:
-        longest = max([len(column.header), *(len(column.cell(result)) for result in results)])
-        if not column.numeric:
-            longest = min(longest, _FOLDED_NAME_WIDTH)
-        return longest + _CELL_PADDING
 
-    widths = {column.header: needed(column) for column in columns}
-    kept = list(columns)
-    for priority in sorted({column.priority for column in columns}, reverse=True):
-        if sum(widths[column.header] for column in kept) <= width or priority == 0:
+def _fit_columns(
+    views: Sequence[TableView[Item]], items: Sequence[Item], width: int
+) -> tuple[list[TableView[Item]], int]:
+    """The columns whose content fits in `width`, dropping the least important first, in order,
+    and the width left for the name column (which folds; numbers never wrap)."""
+    longest: dict[str, int] = {}
+    for shown in views:
+        widest = len(shown.header)
+        for item in items:
+            widest = max(widest, len(shown.cell(item)))
+        longest[shown.header] = widest
+
+    def needed(view: TableView[Item]) -> int:
+        wanted = longest[view.header]
+        if not view.numeric:
+            wanted = min(wanted, _FOLDED_NAME_WIDTH)
+        return wanted + _CELL_PADDING
+
+    kept = list(views)
+    for priority in sorted({view.priority for view in views}, reverse=True):
+        if sum(needed(view) for view in kept) <= width or priority == 0:
             break
-        kept = [column for column in kept if column.priority != priority]
-    return kept
+        kept = [view for view in kept if view.priority != priority]
+    others = sum(needed(view) for view in kept if view.header != "name")
+    name_width = max(_FOLDED_NAME_WIDTH, width - others - _CELL_PADDING - _TABLE_EDGES)
+    return kept, min(name_width, longest.get("name", name_width))
 
 
 def _console(width: int, color: bool) -> tuple[Console, io.StringIO]:
@@ -120,62 +128,6 @@ def _console(width: int, color: bool) -> tuple[Console, io.StringIO]:
         soft_wrap=False,
     )
     return console, buffer
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-def _skipped_lines(skipped: Sequence[SkippedLayer], limit: int = 8) -> list[str]:
-    by_reason: dict[str, list[SkippedLayer]] = {}
-    for layer in skipped:
-        by_reason.setdefault(layer.reason, []).append(layer)
-    lines = []
-    for reason, layers in by_reason.items():
-        shown = ", ".join(f"{layer.layer_id} {layer.name}" for layer in layers[:limit])
-        more = f", ... (+{len(layers) - limit})" if len(layers) > limit else ""
-        lines.append(f"skipped ({reason}): {shown}{more}")
-    return lines
-
-
-def summary_lines(report: CheckpointReport, summary: Summary | None = None) -> list[str]:
-    """The summary under a table, also printed to stderr for csv/json runs."""
-    summary = summary or summarize(report)
-    by_id = {result.spec.layer_id: result for result in report.layers}
-    lines = [
-        f"{report.checkpoint} ({report.format}): {_count(summary.layers_analyzed, 'layer')} "
-        f"analyzed, {summary.layers_skipped} skipped, "
-        f"{_count(summary.fits_failed, 'failed fit')}; "
-        f"mean alpha {_number(summary.means['alpha'])}"
-    ]
-    for note in (report.source_note, report.ids_note):
-        if note:
-            lines.append(f"note: {note}")
-
-    def named(ids: Sequence[int], limit: int = 10) -> str:
-        shown = ", ".join(
-            f"{i} {by_id[i].spec.name} (alpha {_number(by_id[i].metrics.alpha)})"
-            for i in ids[:limit]
-        )
-        return shown + (f", ... (+{len(ids) - limit})" if len(ids) > limit else "")
-
-    if summary.over_trained:
-        lines.append(
-            f"{_count(len(summary.over_trained), 'layer')} very heavy-tailed (alpha < 2), "
-            f"possibly over-trained: {named(summary.over_trained)}"
-        )
-    if summary.under_trained:
-        lines.append(
-            f"{_count(len(summary.under_trained), 'layer')} light-tailed (alpha > 6), "
-            f"possibly under-trained: {named(summary.under_trained)}"
-        )
-    lines.extend(_skipped_lines(report.skipped))
-    return lines
-
-
-PLAIN_TABLE_ROWS = 2000
-"""Past this many rows a table is laid out as plain text: rich's layout costs about 1.2 ms a row
-(36 s for 30,000 tensors), plain columns a few microseconds."""
 
 
 def _plain_table(
@@ -198,55 +150,119 @@ def _plain_table(
     return "\n".join([title, line(headers), rule, *(line(row) for row in rows)]) + "\n"
 
 
-def _rich_table(
-    title: str,
-    columns: Sequence[tuple[str, bool]],
-    rows: Sequence[tuple[Sequence[str], str | None]],
+def _render_table(
     console: Console,
-    *,
-    wrap_numbers: bool,
+    buffer: io.StringIO,
+    title: str,
+    views: Sequence[TableView[Item]],
+    items: Sequence[Item],
+    styles: Sequence[str | None],
+    width: int,
 ) -> None:
-    """Print a SIMPLE_HEAD table: every cell is plain text, never markup."""
-    table = Table(box=box.SIMPLE_HEAD, title=Text(title), title_justify="left")
-    for header, numeric in columns:
-        table.add_column(
-            header,
-            justify="right" if numeric else "left",
-            overflow="fold",
-            no_wrap=numeric and not wrap_numbers,
+    """Lay the items out under `views`: rich for a screenful, plain text for huge listings."""
+    if len(items) > PLAIN_TABLE_ROWS:
+        buffer.write(
+            _plain_table(
+                title,
+                [view.header for view in views],
+                [[view.cell(item) for view in views] for item in items],
+                [view.numeric for view in views],
+            )
         )
-    for cells, style in rows:
-        table.add_row(*(Text(cell) for cell in cells), style=style)
+        return
+    kept, name_width = _fit_columns(views, items, width)
+    table = Table(box=box.SIMPLE_HEAD, title=Text(title), title_justify="left")
+    for view in kept:
+        table.add_column(
+            view.header,
+            justify="right" if view.numeric else "left",
+            overflow="fold",
+            # Numbers never wrap; names arrive folded at dots (fold_name) and must not be
+            # re-folded by rich mid-token: only the other text columns wrap.
+            no_wrap=view.numeric or view.header == "name",
+        )
+    for item, style in zip(items, styles, strict=True):
+        cells = [
+            Text(
+                fold_name(view.cell(item), name_width) if view.header == "name" else view.cell(item)
+            )
+            for view in kept
+        ]
+        table.add_row(*cells, style=style)
     console.print(table)
+
+
+def _count(number_: int, noun: str) -> str:
+    return f"{number_} {noun}" if number_ == 1 else f"{number_} {noun}s"
+
+
+def _skipped_lines(skipped: Sequence[SkippedLayer], limit: int = 8) -> list[str]:
+    by_reason: dict[str, list[SkippedLayer]] = {}
+    for layer in skipped:
+        by_reason.setdefault(layer.reason, []).append(layer)
+    lines = []
+    for reason, layers in by_reason.items():
+        shown = ", ".join(f"{layer.layer_id} {layer.name}" for layer in layers[:limit])
+        more = f", ... (+{len(layers) - limit})" if len(layers) > limit else ""
+        lines.append(f"skipped ({reason}): {shown}{more}")
+    return lines
+
+
+def summary_lines(report: CheckpointReport, summary: Summary | None = None) -> list[str]:
+    """The summary under a table, also printed to stderr for csv/json runs (not yet escaped:
+    the printer escapes what comes from the file)."""
+    summary = summary or summarize(report)
+    by_id: dict[int, LayerResult] = {result.spec.layer_id: result for result in report.layers}
+    lines = [
+        f"{report.checkpoint} ({report.format}): {_count(summary.layers_analyzed, 'layer')} "
+        f"analyzed, {summary.layers_skipped} skipped, "
+        f"{_count(summary.fits_failed, 'failed fit')}; "
+        f"mean alpha {number(summary.means['alpha'])}"
+    ]
+    for note in (report.source_note, report.ids_note):
+        if note:
+            lines.append(f"note: {note}")
+
+    def named(ids: Sequence[int], limit: int = 10) -> str:
+        shown = ", ".join(
+            f"{i} {by_id[i].spec.name} (alpha {number(by_id[i].metrics.alpha)})"
+            for i in ids[:limit]
+        )
+        return shown + (f", ... (+{len(ids) - limit})" if len(ids) > limit else "")
+
+    if summary.over_trained:
+        lines.append(
+            f"{_count(len(summary.over_trained), 'layer')} very heavy-tailed (alpha < 2), "
+            f"possibly over-trained: {named(summary.over_trained)}"
+        )
+    if summary.under_trained:
+        lines.append(
+            f"{_count(len(summary.under_trained), 'layer')} light-tailed (alpha > 6), "
+            f"possibly under-trained: {named(summary.under_trained)}"
+        )
+    lines.extend(_skipped_lines(report.skipped))
+    return lines
+
+
+def listing_summary(listing: CheckpointListing) -> str:
+    """describe's closing line: "53 layers, 39 would be analyzed"."""
+    analyzable = sum(layer.skip_reason is None for layer in listing.layers)
+    return f"{_count(len(listing.layers), 'layer')}, {analyzable} would be analyzed"
 
 
 def render_analyze_table(report: CheckpointReport, *, width: int, color: bool) -> str:
     """The analyzed layers of one checkpoint as a table, then its summary."""
     console, buffer = _console(width, color)
-    columns = _fitting_columns(_ANALYZE_COLUMNS, report.layers, width)
     title = printable(report.checkpoint)
-    if len(report.layers) > PLAIN_TABLE_ROWS:
-        buffer.write(
-            _plain_table(
-                title,
-                [column.header for column in columns],
-                [[column.cell(result) for column in columns] for result in report.layers],
-                [column.numeric for column in columns],
-            )
-        )
-    elif report.layers:
-        _rich_table(
-            title,
-            [(column.header, column.numeric) for column in columns],
-            [
-                (
-                    [column.cell(result) for column in columns],
-                    VERDICT_STYLES[result.metrics.verdict] or None,
-                )
-                for result in report.layers
-            ],
+    if report.layers:
+        _render_table(
             console,
-            wrap_numbers=False,
+            buffer,
+            title,
+            table_views(ANALYZE_REGISTRY),
+            report.layers,
+            [VERDICT_STYLES[result.metrics.verdict] or None for result in report.layers],
+            width,
         )
     else:
         console.print(Text(f"{title}: no layer was analyzed"))
@@ -255,40 +271,20 @@ def render_analyze_table(report: CheckpointReport, *, width: int, color: bool) -
     return buffer.getvalue()
 
 
-_DESCRIBE_HEADERS = ("id", "name", "type", "shape", "N", "M", "rf", "evals", "analyzed")
-_DESCRIBE_KEYS = ("layer_id", "name", "layer_type", "shape", "N", "M", "rf", "num_evals", "reason")
-_DESCRIBE_NUMERIC = tuple(header in ("id", "N", "M", "rf", "evals") for header in _DESCRIBE_HEADERS)
-
-
-def render_describe_table(
-    checkpoint: str,
-    notes: Sequence[str | None],
-    rows: Sequence[Row],
-    *,
-    width: int,
-    color: bool,
-) -> str:
-    """describe's listing of one checkpoint as a table."""
+def render_describe_table(listing: CheckpointListing, *, width: int, color: bool) -> str:
+    """describe's listing of one checkpoint as a table, its notes and its summary line."""
     console, buffer = _console(width, color)
-    cells: list[tuple[list[str], str | None]] = []
-    for row in rows:
-        line = [printable(str(row[key])) for key in _DESCRIBE_KEYS]
-        line[-1] = "yes" if row["analyzable"] else printable(f"no: {row['reason']}")
-        cells.append((line, None if row["analyzable"] else "dim"))
-    title = printable(checkpoint)
-    if len(rows) > PLAIN_TABLE_ROWS:
-        buffer.write(
-            _plain_table(title, _DESCRIBE_HEADERS, [line for line, _ in cells], _DESCRIBE_NUMERIC)
-        )
-    else:
-        _rich_table(
-            title,
-            list(zip(_DESCRIBE_HEADERS, _DESCRIBE_NUMERIC, strict=True)),
-            cells,
-            console,
-            wrap_numbers=True,
-        )
-    for note in notes:
+    _render_table(
+        console,
+        buffer,
+        printable(listing.checkpoint),
+        table_views(DESCRIBE_REGISTRY),
+        listing.layers,
+        [None if layer.skip_reason is None else "dim" for layer in listing.layers],
+        width,
+    )
+    for note in (listing.source_note, listing.ids_note):
         if note:
             console.print(Text(printable(f"note: {note}")))
+    console.print(Text(listing_summary(listing)))
     return buffer.getvalue()
