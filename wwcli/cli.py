@@ -42,6 +42,7 @@ EXIT_CODES_HELP = (
     "error, or an input that is missing, unreadable, unsupported or unsafe."
 )
 
+
 class _Command(typer.core.TyperCommand):
     """A command whose --help groups its options in panels (input, selection, engine, gate,
     output) and names no Python types: an argument shows its metavar alone, not Typer's
