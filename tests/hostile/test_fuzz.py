@@ -414,3 +414,159 @@ def test_mutated_zip_bytes_slow(workdir: Path, data: st.DataObject) -> None:
 @_fuzz_settings(250, slow=True)
 def test_mutated_hdf5_metadata_slow(workdir: Path, data: st.DataObject) -> None:
     check_hdf5_bytes(workdir, data)
+
+
+# --- HDF5 dataset creation properties and links ---------------------------------------------------
+
+OUTSIDE_VALUE = np.float32(4321.125)
+"""Every value of the files outside the checkpoint: no matrix read may hold it."""
+
+
+def _outside_files(workdir: Path) -> tuple[Path, Path]:
+    """A raw file and an HDF5 file (dataset `data`) beside the checkpoint, full of OUTSIDE_VALUE."""
+    raw = workdir / "outside.bin"
+    hdf5 = workdir / "outside.h5"
+    if not raw.exists():
+        values = np.full((64, 64), OUTSIDE_VALUE, dtype="<f4")
+        raw.write_bytes(values.tobytes())
+        with h5py.File(hdf5, "w") as h5file:
+            h5file["data"] = values
+    return raw, hdf5
+
+
+hdf5_dtypes = st.sampled_from(["<f2", "<f4", "<f8", ">f4"])
+
+
+def _kernel_dataset(data: st.DataObject, group: Any, name: str, workdir: Path, stash: Any) -> bool:
+    """A kernel made with random creation properties, or a link to one; True when it (or what
+    it links to) takes its data from outside the file."""
+    raw, hdf5 = _outside_files(workdir)
+    rows = data.draw(st.integers(1, 40), label="rows")
+    columns = data.draw(st.integers(1, 40), label="columns")
+    dtype = data.draw(hdf5_dtypes, label="dtype")
+    kind = data.draw(
+        st.sampled_from(
+            ["plain", "external storage", "virtual", "external link", "soft link", "dangling"]
+        ),
+        label="kernel",
+    )
+    values = np.random.default_rng(rows * 41 + columns).standard_normal((rows, columns))
+    private = group.name.strip("/").replace("/", "_")  # this kernel's name in the stash
+    if kind == "external storage":
+        size = rows * columns * np.dtype(dtype).itemsize
+        group.create_dataset(name, (rows, columns), dtype, external=[(str(raw), 0, size)])
+        return True
+    if kind == "virtual":
+        source = data.draw(st.sampled_from([str(hdf5), "."]), label="virtual source")
+        layout = h5py.VirtualLayout(shape=(rows, columns), dtype=dtype)
+        if source == ".":
+            stash.create_dataset(private, data=values.astype(dtype))
+            layout[:] = h5py.VirtualSource(".", f"{stash.name}/{private}", shape=(rows, columns))
+        else:
+            side = min(rows, 64), min(columns, 64)
+            layout[: side[0], : side[1]] = h5py.VirtualSource(source, "data", shape=(64, 64))[
+                : side[0], : side[1]
+            ]
+        group.create_virtual_dataset(name, layout, fillvalue=0)
+        return True
+    if kind == "external link":
+        group[name] = h5py.ExternalLink(str(hdf5), "/data")
+        return True
+    if kind == "dangling":
+        group[name] = h5py.SoftLink("/nowhere/at/all")
+        return False
+    options: dict[str, Any] = {}
+    chunked = data.draw(st.booleans(), label="chunked")
+    if chunked:
+        options["chunks"] = (
+            data.draw(st.integers(1, rows), label="chunk rows"),
+            data.draw(st.integers(1, columns), label="chunk columns"),
+        )
+        compression = data.draw(st.sampled_from([None, "gzip", "lzf"]), label="compression")
+        if compression is not None:
+            options["compression"] = compression
+        options["shuffle"] = data.draw(st.booleans(), label="shuffle")
+        options["fletcher32"] = data.draw(st.booleans(), label="fletcher32")
+    elif rows * columns * np.dtype(dtype).itemsize < 60_000 and data.draw(st.booleans()):
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.COMPACT)
+        options["dcpl"] = dcpl
+    options["fillvalue"] = data.draw(st.sampled_from([0.0, 1.5, -2.0, float("nan")]))
+    target, stored_as = (stash, private) if kind == "soft link" else (group, name)
+    dataset = target.create_dataset(stored_as, (rows, columns), dtype, **options)
+    written = data.draw(st.sampled_from(["all", "part", "none"]), label="written")
+    if written == "all":
+        dataset[...] = values
+    elif written == "part":
+        dataset[: rows // 2 + 1] = values[: rows // 2 + 1]
+    if kind == "soft link":
+        group[name] = h5py.SoftLink(dataset.name)
+    return False
+
+
+def _extra_links(data: st.DataObject, h5file: Any, workdir: Path) -> bool:
+    """Links beside the layers; True when one leads outside the file."""
+    _, hdf5 = _outside_files(workdir)
+    outside = False
+    for index in range(data.draw(st.integers(0, 3), label="extra links")):
+        kind = data.draw(st.sampled_from(["hard", "soft", "external", "group twice"]))
+        name = f"extra/link_{index}"
+        if kind == "hard":
+            h5file[name] = h5file["layers"]
+        elif kind == "soft":
+            h5file[name] = h5py.SoftLink("/layers")
+        elif kind == "external":
+            h5file[name] = h5py.ExternalLink(str(hdf5), "/data")
+            outside = True
+        else:  # a layer list linked twice (a DAG keras never writes)
+            h5file[f"layers/again_{index}"] = h5file["layers"]
+    return outside
+
+
+def check_hdf5_creation_properties(workdir: Path, data: st.DataObject) -> None:
+    suffix = data.draw(st.sampled_from([".weights.h5", ".keras"]), label="container")
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5file:
+        stash = h5file.create_group("stash")
+        outside = False
+        for index in range(data.draw(st.integers(1, 3), label="layers")):
+            group = h5file.create_group(
+                f"layers/dense_{index}/vars" if index else "layers/dense/vars"
+            )
+            outside |= _kernel_dataset(data, group, "0", workdir, stash)
+        h5file.create_group("vars")
+        outside |= _extra_links(data, h5file, workdir)
+    path = workdir / f"properties{suffix}"
+    if suffix == ".keras":
+        with zipfile.ZipFile(path, "w") as archive:
+            # No config.json layer list: a subclassed model, so the weights file is walked.
+            archive.writestr("config.json", json.dumps({"class_name": "Custom", "config": {}}))
+            archive.writestr("model.weights.h5", buffer.getvalue())
+    else:
+        path.write_bytes(buffer.getvalue())
+    try:
+        with open_checkpoint(path) as checkpoint:
+            for spec in checkpoint.layers():
+                if spec.analyzable:
+                    for matrix in checkpoint.matrices(spec):
+                        assert matrix.ndim == 2
+                        assert not np.any(matrix == OUTSIDE_VALUE), "data from outside the file"
+    except LoaderError as error:
+        message = str(error)
+        assert message and "\n" not in message, message
+        assert str(path) in message, message
+        return
+    assert not outside, "a file reaching outside itself was read"
+
+
+@given(data=st.data())
+@_fuzz_settings(200)
+def test_hdf5_creation_properties_and_links(workdir: Path, data: st.DataObject) -> None:
+    check_hdf5_creation_properties(workdir, data)
+
+
+@pytest.mark.slow
+@given(data=st.data())
+@_fuzz_settings(200, slow=True)
+def test_hdf5_creation_properties_and_links_slow(workdir: Path, data: st.DataObject) -> None:
+    check_hdf5_creation_properties(workdir, data)
