@@ -743,3 +743,38 @@ def test_reading_the_big_tensor_costs_about_its_own_size(tmp_path: Path) -> None
         tracemalloc.stop()
     assert big.nbytes == 200_000_000
     assert peak < 1.1 * big.nbytes
+
+
+@pytest.mark.parametrize(
+    ("fc2", "problem"),
+    [
+        ({"shape": [2**63, 0]}, r"shape \[9223372036854775808, 0\] is out of range"),
+        ({"shape": [2**32, 2**32]}, r"has more than 2\*\*63 - 1 elements"),
+        ({"data_offsets": [2048, 2**63]}, r"data_offsets \[2048, 9223372036854775808\] are out"),
+        ({"shape": [16, True]}, r"is not a list of non-negative integers"),
+        ({"data_offsets": [2048, 2560, 3000]}, r"are not two non-negative integers"),
+    ],
+)
+def test_every_number_is_range_checked(tmp_path: Path, fc2: dict[str, Any], problem: str) -> None:
+    header, data = _with_fc2(fc2)
+    path = raw_safetensors(tmp_path / "ranges.safetensors", header, data)
+    with pytest.raises(LoaderError, match=problem):
+        open_safetensors(path)
+
+
+def test_the_largest_counts_are_still_read(tmp_path: Path) -> None:
+    header, data = _with_fc2({"shape": [2**63 - 1, 0], "data_offsets": [2048, 2048]})
+    path = raw_safetensors(tmp_path / "zero.safetensors", header, data[:2048])
+    spec = layer(open_safetensors(path), "fc2")
+    assert (spec.shape, spec.skip_reason) == ((2**63 - 1, 0), "empty tensor")
+
+
+def _with_fc2(fc2: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((32, 16)).astype("<f4").tobytes()
+    second = rng.standard_normal((16, 8)).astype("<f4").tobytes()
+    header: dict[str, Any] = {
+        "fc1.weight": {"dtype": "F32", "shape": [32, 16], "data_offsets": [0, 2048]},
+        "fc2.weight": {"dtype": "F32", "shape": [16, 8], "data_offsets": [2048, 2560], **fc2},
+    }
+    return header, first + second
