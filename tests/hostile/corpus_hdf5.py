@@ -272,21 +272,6 @@ def _write_many_layers_keras(count: int) -> Callable[[Path], None]:
     return write
 
 
-def _write_many_groups_weights(count: int) -> Callable[[Path], None]:
-    """A weights-only file of `count` layer groups (no config to count them first)."""
-
-    def write(target: Path) -> None:
-        import h5py
-
-        with h5py.File(target, "w", libver="latest") as h5file:
-            layers = h5file.create_group("layers")
-            for index in range(count):
-                layers.create_group(f"dropout_{index}/vars")
-            h5file.create_group("vars")
-
-    return write
-
-
 # --- zip directories that lie about sizes --------------------------------------------------------
 
 
