@@ -176,7 +176,7 @@ def open_regular(path: Path) -> io.FileIO:
     try:
         mode = os.fstat(descriptor).st_mode
         if stat.S_ISDIR(mode):
-            raise LoaderError(f"{path}: cannot read: is a directory, not a file")
+            raise LoaderError(f"{path}: cannot read: is a directory, not a checkpoint file")
         if not stat.S_ISREG(mode):
             raise LoaderError(f"{path}: not a regular file ({file_kind(mode)})")
         if hasattr(os, "set_blocking"):
@@ -191,12 +191,8 @@ def read_head(path: Path, size: int) -> bytes:
     """The first `size` bytes of a file, for telling formats apart; LoaderError when the file
     cannot be read or is empty."""
     try:
-        with path.open("rb") as stream:
+        with open_regular(path) as stream:  # a FIFO swapped in cannot make this wait
             head = stream.read(size)
-    except FileNotFoundError as error:
-        raise LoaderError(f"{path}: no such file") from error
-    except IsADirectoryError as error:
-        raise LoaderError(f"{path}: is a directory, not a checkpoint file") from error
     except OSError as error:
         raise LoaderError(f"{path}: cannot read: {error.strerror or error}") from error
     if not head:
