@@ -7,12 +7,18 @@ torch is imported only when a file of this format is opened.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import pickle
 import re
+import signal
+import struct
+import threading
+import time
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -80,11 +86,13 @@ def open_torch(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     Raises LoaderError when torch is missing, the file is missing, unreadable or not a PyTorch
     checkpoint, or (without `trust_pickle`) it holds Python objects whose loading can run code.
     """
-    found = find_weights(path, load_checkpoint_object(path, trust_pickle=trust_pickle))
-    torch = _import_torch(path)
-    if isinstance(found.weights, torch.nn.Module):
-        return TorchModuleCheckpoint(path, found.weights, source_note=found.note)
-    return state_dict_checkpoint(path, LoadedStateDict(found.weights, found.note), "torch")
+    with reading_boundary(path), deadline(path, torch_timeout(path)):
+        found = find_weights(path, load_checkpoint_object(path, trust_pickle=trust_pickle))
+        torch = _import_torch(path)
+        if isinstance(found.weights, torch.nn.Module):
+            return TorchModuleCheckpoint(path, found.weights, source_note=found.note)
+        loaded = LoadedStateDict(checked_state_dict(path, found.weights), found.note)
+        return state_dict_checkpoint(path, loaded, "torch")
 
 
 def load_state_dict(path: Path, *, trust_pickle: bool = False) -> LoadedStateDict:
@@ -92,14 +100,15 @@ def load_state_dict(path: Path, *, trust_pickle: bool = False) -> LoadedStateDic
 
     Raises LoaderError as `open_torch` does, and when the file holds a whole module.
     """
-    found = find_weights(path, load_checkpoint_object(path, trust_pickle=trust_pickle))
-    torch = _import_torch(path)
-    if isinstance(found.weights, torch.nn.Module):
-        raise LoaderError(
-            f"{path}: holds a whole {type(found.weights).__name__} module, not a state dict; "
-            "open the file itself to number its modules"
-        )
-    return LoadedStateDict(found.weights, found.note)
+    with reading_boundary(path), deadline(path, torch_timeout(path)):
+        found = find_weights(path, load_checkpoint_object(path, trust_pickle=trust_pickle))
+        torch = _import_torch(path)
+        if isinstance(found.weights, torch.nn.Module):
+            raise LoaderError(
+                f"{path}: holds a whole {type(found.weights).__name__} module, not a state dict; "
+                "open the file itself to number its modules"
+            )
+        return LoadedStateDict(checked_state_dict(path, found.weights), found.note)
 
 
 def state_dict_checkpoint(
@@ -132,6 +141,8 @@ def load_checkpoint_object(path: Path, *, trust_pickle: bool) -> object:
     torch = _import_torch(path)
     if container == "torchscript" and not trust_pickle:
         raise LoaderError(_unsafe_message(path, "a TorchScript program"))
+    if container != "torchscript":
+        check_pickle_shape(path, container)
     try:
         with warnings.catch_warnings():
             # torch's notes about pickle protocols and TorchScript are not for our users.
@@ -173,6 +184,7 @@ def _container_kind(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
+                check_members(path, archive)
         except ZIP_ERRORS as error:
             raise LoaderError(f"{path}: damaged zip archive (truncated?): {error}") from error
         if any(name.endswith("/constants.pkl") for name in names):
@@ -183,6 +195,368 @@ def _container_kind(path: Path) -> str:
     if head[:1] == PICKLE_PROTO and 2 <= head[1] <= 5:
         return "pickle"
     raise LoaderError(f"{path}: not a PyTorch checkpoint (neither torch's zip format nor a pickle)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Before torch sees a zip: every member's sizes are checked, and nothing is inflated unbounded.
+
+BOMB_BYTES = 1 << 32
+"""A member that claims to unpack past this many bytes *and* past `BOMB_RATIO` times its packed
+size is refused as a likely decompression bomb: the bound keras applies to `.keras` archives,
+and wwcli's Keras reader too."""
+BOMB_RATIO = 100
+"""Also the most a deflated record (data.pkl, version, ...) may claim to expand, whatever its
+size: a pickle deflates by 3 to 10 times, zeros by 1000."""
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")
+_STORAGE_MEMBER = re.compile(r"(^|/)data/[^/]+$")
+"""torch's storages: `<archive>/data/<key>`, one per storage, raw bytes."""
+
+
+def check_members(path: Path, archive: zipfile.ZipFile) -> None:
+    """Refuse a zip whose members' sizes cannot be believed, before torch (miniz) reads it.
+
+    - Every member: the bomb bound above, on the sizes the central directory declares (a ZIP64
+      size of 2**62 ends here).
+    - A stored member (torch.save stores every member): packed size equal to its size, and its
+      bytes within the file, before the central directory.
+    - A deflated storage is refused: torch.save never compresses one, and torch's memory-mapped
+      reader, which wwcli uses, takes the packed bytes for the numbers (silently wrong weights).
+    - A deflated record must claim at most `BOMB_RATIO` times its packed size, and is inflated
+      here once, `BOMB_RATIO` times its packed size at most, to check that it does not unpack
+      past the size it declares: a central directory that lies cannot get more past.
+    """
+    file_size = path.stat().st_size
+    directory_start = archive.start_dir
+    for info in archive.infolist():
+        name = info.filename
+        if info.file_size > max(BOMB_BYTES, BOMB_RATIO * info.compress_size):
+            raise LoaderError(
+                f"{path}: zip member {name!r} would unpack from {info.compress_size} to "
+                f"{info.file_size} bytes: refusing a likely decompression bomb"
+            )
+        start = _member_start(path, archive, info)
+        if start + info.compress_size > min(directory_start, file_size):
+            raise LoaderError(
+                f"{path}: zip member {name!r} claims {info.compress_size} packed bytes, past the "
+                "end of the archive's data (truncated or crafted)"
+            )
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.compress_size != info.file_size:
+                raise LoaderError(
+                    f"{path}: zip member {name!r} is stored (not compressed) but claims "
+                    f"{info.compress_size} bytes packed and {info.file_size} unpacked"
+                )
+            continue
+        if _STORAGE_MEMBER.search(name):
+            raise LoaderError(
+                f"{path}: tensor storage {name!r} is compressed in the zip; torch.save never "
+                "compresses storages and torch's reader would take the packed bytes for the "
+                "weights; re-save the file with torch.save"
+            )
+        if info.file_size > BOMB_RATIO * max(info.compress_size, 1):
+            raise LoaderError(
+                f"{path}: zip member {name!r} would unpack from {info.compress_size} to "
+                f"{info.file_size} bytes (over {BOMB_RATIO} times): refusing a likely "
+                "decompression bomb"
+            )
+        _check_inflated_size(path, archive, info, start)
+
+
+def _member_start(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """Where a member's packed bytes begin, from its local header."""
+    stream = archive.fp
+    if stream is None:
+        raise LoaderError(f"{path}: damaged zip archive")
+    stream.seek(info.header_offset)
+    header = stream.read(_LOCAL_HEADER.size)
+    if len(header) < _LOCAL_HEADER.size or header[:4] != ZIP_SIGNATURE:
+        raise LoaderError(f"{path}: damaged zip archive (no entry header for {info.filename!r})")
+    fields = _LOCAL_HEADER.unpack(header)
+    return int(info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10])
+
+
+def _check_inflated_size(
+    path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, start: int
+) -> None:
+    """Inflate a deflated member's packed bytes, never producing more than its declared size
+    plus one byte, and refuse it when it produces more. Another method is left to torch, whose
+    reader (miniz) unpacks nothing but deflate and says so."""
+    import zlib
+
+    if info.compress_type != zipfile.ZIP_DEFLATED:
+        return
+    stream = archive.fp
+    assert stream is not None  # checked by _member_start
+    stream.seek(start)
+    inflater = zlib.decompressobj(-15)
+    produced = 0
+    left = info.compress_size
+    pending = b""
+    while left > 0 or pending:
+        if not pending:
+            pending = stream.read(min(left, 1 << 20))
+            left -= len(pending)
+            if not pending:
+                break
+        produced += len(inflater.decompress(pending, info.file_size + 1 - produced))
+        pending = inflater.unconsumed_tail
+        if produced > info.file_size:
+            raise LoaderError(
+                f"{path}: zip member {info.filename!r} unpacks past the {info.file_size} bytes "
+                "its zip entry declares (a crafted archive)"
+            )
+        if inflater.eof:
+            break
+
+
+# ---------------------------------------------------------------------------------------------
+# Before torch unpickles: the pickle's shape, read statically (nothing is built, nothing runs).
+
+MAX_PICKLE_NODES = 20_000_000
+"""The most objects a pickle may expand to when every shared reference is counted again (a
+tree, as hashing a tuple or printing a key walks it). pickle's memo lets a file of 600 bytes
+share each level of a DAG twice, so that hashing its one dict key walks 2**40 tuples, inside
+C, where no deadline can stop it. A real checkpoint expands to some 15 objects per tensor
+(a million tensors fit) and shares little: tied weights, repeated strings."""
+MAX_PICKLE_DEPTH = 10_000
+"""The deepest nesting a pickle may build (real checkpoints nest under 10); hashing a tuple
+nested 100,000 deep recurses in C as deep."""
+_MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+_LEAF: tuple[()] = ()
+
+
+def check_pickle_shape(path: Path, container: str) -> None:
+    """Refuse a pickle that would expand past `MAX_PICKLE_NODES` or nest past
+    `MAX_PICKLE_DEPTH`; say nothing of a pickle that does not parse (torch will say why)."""
+    import io
+
+    if container == "zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+                if member is None:
+                    return
+                data = archive.read(member)  # its size checked by check_members
+        except ZIP_ERRORS:
+            return  # torch's reader will say what is wrong with the member
+        _check_pickles(path, io.BytesIO(data), len(data), 1)
+        return
+    with path.open("rb") as stream:
+        # torch's legacy format: magic number, protocol, system info, the object, storage keys.
+        _check_pickles(path, stream, path.stat().st_size, 5)
+
+
+def _check_pickles(path: Path, stream: BinaryIO, size: int, count: int) -> None:
+    for _ in range(count):
+        shape = _pickle_shape(stream)
+        if shape is None:
+            return
+        nodes, depth = shape
+        if depth > MAX_PICKLE_DEPTH:
+            raise LoaderError(
+                f"{path}: its pickle nests objects more than {MAX_PICKLE_DEPTH} deep "
+                "(a crafted file; real checkpoints nest a few levels)"
+            )
+        if nodes > MAX_PICKLE_NODES:
+            raise LoaderError(
+                f"{path}: its pickle shares objects so that they expand to more than "
+                f"{MAX_PICKLE_NODES} (a crafted DAG that would take forever to hash or walk; "
+                "real checkpoints expand to a few objects per tensor)"
+            )
+        if stream.tell() >= size:
+            return
+
+
+def _pickle_shape(stream: BinaryIO) -> tuple[int, int] | None:
+    """(objects expanded as a tree, depth) of the pickle at the stream's position, by replaying
+    its opcodes on a graph of lists (each object is the list of what it holds); None when it
+    does not parse. Mutable objects (dicts, lists, an OrderedDict being filled) are the same
+    list wherever the memo hands them out, so later additions count everywhere."""
+    import pickletools
+
+    stack: list[Any] = []
+    marks: list[int] = []
+    memo: dict[object, Any] = {}
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            name = opcode.name
+            if name == "STOP":
+                break
+            if name in ("PROTO", "FRAME"):
+                continue
+            if name == "MARK":
+                marks.append(len(stack))
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif name == "POP":
+                stack.pop()
+            elif name == "POP_MARK":
+                del stack[marks.pop() :]
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name in _MUTATORS:
+                if name in ("APPEND", "BUILD"):
+                    items = [stack.pop()]
+                elif name == "SETITEM":
+                    items = stack[-2:]
+                    del stack[-2:]
+                else:
+                    start = marks.pop()
+                    items = stack[start:]
+                    del stack[start:]
+                target = stack[-1]
+                if not isinstance(target, list):
+                    return None
+                target.extend(items)
+            else:
+                if pickletools.markobject in opcode.stack_before:
+                    start = marks.pop()
+                else:
+                    start = len(stack) - len(opcode.stack_before)
+                if start < 0:
+                    return None
+                items = stack[start:]
+                del stack[start:]
+                for _ in opcode.stack_after:
+                    stack.append(list(items) if items or name.startswith("EMPTY") else _LEAF)
+        else:
+            return None
+    except Exception:
+        return None
+    if not stack:
+        return None
+    return _tree_size(stack[-1])
+
+
+def _tree_size(root: Any) -> tuple[int, int]:
+    """Objects under `root` counted as a tree (a shared object once per reference; a cycle's
+    back reference as one), and the longest chain; each object is visited once, without
+    recursion. Stops counting past the budget."""
+    sizes: dict[int, tuple[int, int]] = {}
+    on_path: set[int] = set()
+    walk: list[tuple[Any, int]] = [(root, 0)]
+    on_path.add(id(root))
+    while walk:
+        node, index = walk[-1]
+        if index < len(node):
+            walk[-1] = (node, index + 1)
+            child = node[index]
+            if child and id(child) not in sizes and id(child) not in on_path:
+                on_path.add(id(child))
+                walk.append((child, 0))
+            continue
+        walk.pop()
+        on_path.discard(id(node))
+        total, depth = 1, 0
+        for child in node:
+            child_size, child_depth = sizes.get(id(child), (1, 0))
+            total += child_size
+            depth = max(depth, child_depth)
+        sizes[id(node)] = (min(total, MAX_PICKLE_NODES + 1), depth + 1)
+        if total > MAX_PICKLE_NODES or depth > MAX_PICKLE_DEPTH:
+            return total, depth + 1
+    return sizes[id(root)]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's unpickler under a deadline, and every unexpected exception turned into a LoaderError.
+
+TIMEOUT_ENV = "WWCLI_TORCH_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+"""Deadline for unpickling a file and finding its weights; the file's size at
+`SLOWEST_READ_BYTES_PER_S` is added (torch's legacy format reads every storage)."""
+SLOWEST_READ_BYTES_PER_S = 20_000_000
+
+
+class DeadlinePassed(BaseException):
+    """Raised by the SIGALRM handler inside torch's unpickler. A BaseException, so that no
+    `except Exception` in torch or here can swallow it on its way out."""
+
+
+def torch_timeout(path: Path) -> float:
+    """The deadline in seconds: `WWCLI_TORCH_TIMEOUT` when it is a positive number, else 60 s;
+    plus the file's size at 20 MB/s."""
+    try:
+        base = float(os.environ.get(TIMEOUT_ENV, ""))
+    except ValueError:
+        base = DEFAULT_TIMEOUT_S
+    if not (math.isfinite(base) and base > 0):
+        base = DEFAULT_TIMEOUT_S
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    return base + size / SLOWEST_READ_BYTES_PER_S
+
+
+@contextlib.contextmanager
+def deadline(path: Path, seconds: float) -> Iterator[None]:
+    """Raise LoaderError when the block runs past `seconds`.
+
+    torch.load(weights_only=True) unpickles with torch/_weights_only_unpickler.py, a pure-Python
+    loop over the opcodes, so a SIGALRM handler that raises stops it between two opcodes. A
+    helper process would also stop a C call that never returns, but would pay torch's import
+    (~2 s) again for every file and have to send tensors back; the calls in C that could run
+    for ever on a crafted pickle (hashing or printing a shared or deep tuple) are refused
+    before torch runs, by `check_pickle_shape`. The timer is set only in the main thread (the
+    only one Python delivers signals to) and where setitimer exists; the previous handler and
+    timer are put back afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "setitimer"
+    ):
+        yield
+        return
+    armed = [True]
+
+    def expire(signum: int, frame: object) -> None:
+        if armed[0]:
+            raise DeadlinePassed
+
+    started = time.monotonic()
+    previous_handler = signal.signal(signal.SIGALRM, expire)
+    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except DeadlinePassed:
+        raise LoaderError(
+            f"{path}: reading its pickle took longer than {seconds:.0f} s, the deadline "
+            f"(a crafted or very large file; set {TIMEOUT_ENV} to allow more seconds)"
+        ) from None
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_handler)
+        if previous_delay > 0:
+            left = previous_delay - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-6), previous_interval)
+
+
+@contextlib.contextmanager
+def reading_boundary(path: Path) -> Iterator[None]:
+    """The edge of the torch reader: whatever torch or a crafted object raises becomes a
+    LoaderError naming the file, never an internal error."""
+    try:
+        yield
+    except LoaderError:
+        raise
+    except MemoryError:
+        raise LoaderError(f"{path}: not enough memory to read this PyTorch checkpoint") from None
+    except RecursionError:
+        raise LoaderError(
+            f"{path}: holds objects nested too deeply to read (RecursionError)"
+        ) from None
+    except Exception as error:
+        text = str(error).strip()
+        first_line = text.splitlines()[0][:200] if text else ""
+        raise LoaderError(
+            f"{path}: not a readable PyTorch checkpoint "
+            f"({type(error).__name__}{': ' + first_line if first_line else ''})"
+        ) from error
 
 
 def _is_weights_only_refusal(error: Exception) -> bool:
@@ -312,7 +686,7 @@ def find_weights(path: Path, loaded: object) -> FoundWeights:
     """
     import torch
 
-    found = _search(loaded, ())
+    found = _search(loaded, (), _SearchBudget(path, set()))
     if found is None:
         raise LoaderError(f"{path}: holds no tensors to analyze ({_describe(loaded)})")
     weights, trail = found
@@ -322,12 +696,12 @@ def find_weights(path: Path, loaded: object) -> FoundWeights:
     kind = "module" if isinstance(weights, torch.nn.Module) else "state dict"
     others = [str(key) for key in loaded if key != trail[0]] if isinstance(loaded, Mapping) else []
     also = f"; the file also holds: {', '.join(others)}" if others else ""
-    return FoundWeights(weights, f"the {kind} under {where}{also}")
+    return FoundWeights(weights, printable(f"the {kind} under {where}{also}"))
 
 
 def _describe(loaded: object) -> str:
     if isinstance(loaded, Mapping):
-        keys = ", ".join(str(key) for key in list(loaded)[:8])
+        keys = printable(", ".join(str(key) for key in list(loaded)[:8]))
         return f"a dict with keys: {keys}" if keys else "an empty dict"
     return f"a {type(loaded).__name__}"
 
@@ -346,19 +720,42 @@ def _score(weights: Any) -> tuple[int, int]:
 MAX_NESTING = 64
 """How deep in nested dicts the weights are looked for (real checkpoints nest 1 to 3 deep); a
 crafted file can nest thousands deep."""
+MAX_SEARCH_ENTRIES = 1_000_000
+"""The most dict entries the search for the weights looks at. Each dict is looked at once
+(a DAG of dicts sharing their children, or a dict holding itself, costs no more than its
+distinct dicts), and a real checkpoint has a few entries per tensor: an optimizer state for
+a million tensors fits."""
 
 
-def _search(loaded: object, trail: tuple[object, ...]) -> tuple[Any, tuple[object, ...]] | None:
+@dataclass
+class _SearchBudget:
+    """What the search has looked at: dicts by id, and how many entries are left to look at."""
+
+    path: Path
+    seen: set[int]
+    entries_left: int = MAX_SEARCH_ENTRIES
+
+
+def _search(
+    loaded: object, trail: tuple[object, ...], budget: _SearchBudget
+) -> tuple[Any, tuple[object, ...]] | None:
     """Depth-first search for the weights; `trail` is the keys walked so far."""
     import torch
 
     if isinstance(loaded, torch.nn.Module):
         return loaded, trail
-    if not isinstance(loaded, Mapping) or len(trail) > MAX_NESTING:
+    if not isinstance(loaded, Mapping) or len(trail) > MAX_NESTING or id(loaded) in budget.seen:
         return None
+    budget.seen.add(id(loaded))
+    budget.entries_left -= len(loaded)
+    if budget.entries_left < 0:
+        raise LoaderError(
+            f"{budget.path}: holds more than {MAX_SEARCH_ENTRIES} dict entries to search for "
+            "the weights (a crafted file; real checkpoints hold a few per tensor)"
+        )
     for key in WRAPPER_KEYS:
         if key in loaded:
-            found = _search(loaded[key], (*trail, key))
+            found = _search(loaded[key], (*trail, key), budget)
             if found is not None and _score(found[0])[1] > 0:
                 return found
     if any(
@@ -367,12 +764,85 @@ def _search(loaded: object, trail: tuple[object, ...]) -> tuple[Any, tuple[objec
         return loaded, trail
     best: tuple[Any, tuple[object, ...]] | None = None
     for key, value in loaded.items():
-        found = _search(value, (*trail, key))
+        found = _search(value, (*trail, key), budget)
         if found is not None and (best is None or _score(found[0]) > _score(best[0])):
             best = found
     if best is None or _score(best[0])[1] == 0:
         return None
     return best
+
+
+def printable(text: str) -> str:
+    """`text` with what cannot be written as UTF-8 (lone surrogates, which a pickle can carry)
+    escaped, for notes and messages."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def checked_state_dict(path: Path, weights: Mapping[Any, Any]) -> dict[str, Any]:
+    """The state dict with str keys, after refusing what cannot be listed honestly: a key that
+    is not valid text (a lone surrogate: refused rather than escaped, since an escaped name
+    would match no key of the model), two keys that read the same, a tensor view that overlaps
+    itself or reaches past its storage (`check_view`)."""
+    import torch
+
+    checked: dict[str, Any] = {}
+    for key, value in weights.items():
+        name = key if isinstance(key, str) else str(key)
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LoaderError(
+                f"{path}: the tensor name {ascii(name)[:120]} is not valid text (a lone "
+                "surrogate); refusing the file rather than guessing the name"
+            ) from None
+        if name in checked:
+            raise LoaderError(f"{path}: two keys of the state dict both read as {name!r}")
+        if isinstance(value, torch.Tensor):
+            check_view(path, name, value)
+        checked[name] = value
+    return checked
+
+
+def check_view(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """Refuse a dense tensor whose view of its storage a real state dict never has.
+
+    A stored weight is contiguous, or a transpose, permutation or slice of a contiguous tensor
+    (torch.save keeps a view's storage, offset and strides). All of these use each storage
+    element at most once and stay within the storage. A crafted file can instead view a tiny
+    storage as a huge matrix (strides (0, 1) or (1, 1): a 20000 x 6000 matrix over 26,000
+    floats), which costs minutes and gigabytes to analyze and means nothing. So: every
+    dimension of more than one element, in order of increasing stride, must step past
+    everything the smaller ones reach (no element is used twice), and the last element must
+    lie within the storage's bytes. Then the view's size is at most the bytes stored. Read from
+    size, stride, storage_offset and untyped_storage().nbytes(): nothing is materialized.
+    """
+    import torch
+
+    if (
+        tensor.layout != torch.strided
+        or tensor.is_meta
+        or tensor.is_nested
+        or tensor.is_quantized
+        or tensor.numel() == 0
+    ):
+        return
+    shape = tuple(int(dim) for dim in tensor.shape)
+    strides = tuple(int(step) for step in tensor.stride())
+    reach = 0
+    for step, size in sorted((st, sz) for sz, st in zip(shape, strides, strict=True) if sz > 1):
+        if step <= reach:
+            raise LoaderError(
+                f"{path}: tensor {key!r} is a {'x'.join(map(str, shape))} view with strides "
+                f"{strides} that uses storage elements more than once (a crafted file: a "
+                "stored weight never does)"
+            )
+        reach += (size - 1) * step
+    end = (int(tensor.storage_offset()) + reach + 1) * tensor.element_size()
+    stored = int(tensor.untyped_storage().nbytes())
+    if end > stored:
+        raise LoaderError(
+            f"{path}: tensor {key!r} reaches byte {end} of a storage of {stored} bytes"
+        )
 
 
 def tensor_entry(key: str, value: object) -> TensorEntry:
@@ -383,16 +853,44 @@ def tensor_entry(key: str, value: object) -> TensorEntry:
         return TensorEntry(
             key=key, shape=(), dtype="", unreadable=f"not a tensor ({type(value).__name__})"
         )
-    shape = tuple(int(dim) for dim in value.shape)
+    unreadable = _unreadable(value)
+    # A nested tensor has no single shape (its `.shape` raises); it is listed without one.
+    shape = () if value.is_nested else tuple(int(dim) for dim in value.shape)
     dtype = str(value.dtype).removeprefix("torch.")
-    return TensorEntry(key=key, shape=shape, dtype=dtype, unreadable=_unreadable(value))
+    return TensorEntry(key=key, shape=shape, dtype=dtype, unreadable=unreadable)
+
+
+ANALYZABLE_DTYPES = frozenset(
+    {
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+    }
+)
+"""The dtypes read as matrices: numpy's floats as stored, the others widened to float32, which
+holds every bfloat16 and float8 value exactly (torch's `.float()`). Anything else (float4 pairs,
+complex, quantized, bits, integers, bool) is listed with its reason and never converted."""
+INTEGER_DTYPES = frozenset(
+    {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+)
 
 
 def _unreadable(tensor: torch.Tensor) -> str | None:
-    """Why a tensor cannot become a float matrix; None when it can."""
+    """Why a tensor cannot become a float matrix; None when it can: a plain dense tensor (or
+    nn.Parameter) on a real device, of an allow-listed dtype."""
     import torch
 
     dtype = str(tensor.dtype).removeprefix("torch.")
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        return f"tensor subclass {type(tensor).__name__}, not analyzed"
+    if tensor.is_nested:
+        return "nested tensor, not analyzed"
     if tensor.layout != torch.strided:
         return f"{str(tensor.layout).removeprefix('torch.')} tensor, not analyzed"
     if tensor.is_quantized:
@@ -403,8 +901,10 @@ def _unreadable(tensor: torch.Tensor) -> str | None:
         return f"complex tensor ({dtype}), not analyzed"
     if tensor.dtype == torch.bool:
         return "boolean tensor, not analyzed"
-    if not tensor.is_floating_point():
+    if dtype in INTEGER_DTYPES:
         return f"integer tensor ({dtype}), not analyzed"
+    if dtype not in ANALYZABLE_DTYPES:
+        return f"unsupported dtype {dtype}, not analyzed"
     return None
 
 
