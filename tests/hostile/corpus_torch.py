@@ -402,8 +402,8 @@ def cases() -> list[BadInput]:
     ]
     result.append(
         BadInput(
-            "pt_4_million_opcodes_past_a_1_s_deadline.pt",
-            r"reading its pickle took longer than 1 s, the deadline .*WWCLI_TORCH_TIMEOUT",
+            "pt_4_million_opcodes_past_a_0_5_s_deadline.pt",
+            r"reading its pickle took longer than 0\.9 s, the deadline .*WWCLI_TORCH_TIMEOUT",
             max_seconds=STARTUP_SECONDS,
             environment={"WWCLI_TORCH_TIMEOUT": "0.5"},
             write=_writer(lambda: many_opcodes(4_000_000)),

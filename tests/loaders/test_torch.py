@@ -510,3 +510,206 @@ def test_matrices_of_a_skipped_or_foreign_layer_fail_cleanly() -> None:
         checkpoint.matrices(checkpoint.layers()[1])
     with pytest.raises(LoaderError, match="no layer with id 7"):
         checkpoint.matrices(LayerSpec(7, "x", LayerType.DENSE, (2, 2)))
+
+
+# --- hostile files: exotic tensors are listed, not converted; crafted shapes are refused ------
+
+
+def test_exotic_dtypes_and_tensor_types_are_listed_with_a_reason(tmp_path: Path) -> None:
+    raw = torch.zeros(4, 4, dtype=torch.uint8)
+    stored = OrderedDict(
+        [
+            ("f4.weight", raw.view(torch.float4_e2m1fn_x2)),
+            ("bits.weight", raw.view(torch.bits8)),
+            ("complex.weight", torch.ones(4, 4, dtype=torch.complex64)),
+            ("q.weight", torch.quantize_per_tensor(torch.ones(4, 4), 0.1, 0, torch.qint8)),
+            ("sparse.weight", torch.ones(4, 4).to_sparse()),
+            ("csr.weight", torch.ones(4, 4).to_sparse_csr()),
+            ("meta.weight", torch.empty(4, 4, device="meta")),
+            ("u16.weight", torch.ones(4, 4, dtype=torch.uint16)),
+            ("nested.weight", torch.nested.nested_tensor([torch.ones(2, 4), torch.ones(3, 4)])),
+            ("f8.weight", torch.full((4, 4), 0.5).to(torch.float8_e4m3fn)),
+            ("param.weight", nn.Parameter(torch.full((4, 4), 2.0))),
+        ]
+    )
+    path = tmp_path / "exotic.pt"
+    torch.save(stored, path)
+    checkpoint = open_torch(path)
+    reasons = {layer.name: layer.skip_reason for layer in checkpoint.layers()}
+    assert reasons == {
+        "f4": "unsupported dtype float4_e2m1fn_x2, not analyzed",
+        "bits": "unsupported dtype bits8, not analyzed",
+        "complex": "complex tensor (complex64), not analyzed",
+        "q": "quantized tensor (qint8), not analyzed",
+        "sparse": "sparse_coo tensor, not analyzed",
+        "csr": "sparse_csr tensor, not analyzed",
+        "meta": "tensor holds no data (meta device)",
+        "u16": "integer tensor (uint16), not analyzed",
+        "nested": "nested tensor, not analyzed",
+        "f8": None,
+        "param": None,
+    }
+    f8, param = checkpoint.layers()[-2:]
+    assert checkpoint.matrices(f8)[0].tolist() == [[0.5] * 4] * 4
+    assert checkpoint.matrices(param)[0].tolist() == [[2.0] * 4] * 4
+    with pytest.raises(LoaderError, match="not analyzable: unsupported dtype float4"):
+        checkpoint.matrices(checkpoint.layers()[0])
+
+
+def test_a_tensor_subclass_is_listed_not_converted(tmp_path: Path) -> None:
+    nested = torch.nested.nested_tensor([torch.ones(2, 4), torch.ones(3, 4)], layout=torch.jagged)
+    path = tmp_path / "jagged.pt"
+    torch.save({"jagged.weight": nested}, path)
+    (layer,) = open_torch(path, trust_pickle=True).layers()
+    assert layer.skip_reason == "tensor subclass NestedTensor, not analyzed"
+
+
+def test_transposes_and_slices_of_a_storage_are_read(tmp_path: Path) -> None:
+    base = torch.arange(48, dtype=torch.float32).reshape(6, 8)
+    weights = {
+        "t.weight": base.t(),  # strides (1, 8)
+        "s.weight": base[2:5, 1:7],  # offset 17, strides (8, 1)
+        "p.weight": base.reshape(2, 3, 8).permute(2, 0, 1),
+    }
+    path = tmp_path / "views.pt"
+    torch.save(weights, path)
+    checkpoint = open_torch(path)
+    assert_matrices_equal(
+        checkpoint, {key.removesuffix(".weight"): w for key, w in weights.items()}
+    )
+    assert [layer.shape for layer in checkpoint.layers()] == [(8, 6), (3, 6), (8, 2, 3)]
+
+
+@pytest.mark.parametrize(
+    ("size", "stride", "problem"),
+    [
+        ((6, 8), (0, 1), r"'w\.weight' is a 6x8 view with strides \(0, 1\) that uses storage"),
+        ((6, 8), (4, 1), r"strides \(4, 1\) that uses storage elements more than once"),
+        ((2, 3, 4), (12, 1, 2), r"strides \(12, 1, 2\) that uses storage elements"),
+    ],
+)
+def test_a_view_that_reuses_storage_elements_is_refused(
+    tmp_path: Path, size: tuple[int, ...], stride: tuple[int, ...], problem: str
+) -> None:
+    path = tmp_path / "view.pt"
+    torch.save({"w.weight": torch.zeros(48).as_strided(size, stride)}, path)
+    with pytest.raises(LoaderError, match=problem):
+        open_torch(path)
+    folder = as_bin_folder(tmp_path, path)  # a .bin folder is checked the same way
+    with pytest.raises(LoaderError, match=problem):
+        open_folder(folder)
+
+
+def test_a_view_past_its_storage_is_refused() -> None:
+    # torch refuses to build one on load; check_view does not count on that.
+    tensor = torch.zeros(48).as_strided((6, 8), (8, 1))
+    torch_loader.check_view(Path("f.pt"), "w", tensor)
+    tensor.untyped_storage().resize_(160)  # 40 floats left under a view of 48
+    with pytest.raises(LoaderError, match=r"'w' reaches byte 192 of a storage of 160 bytes"):
+        torch_loader.check_view(Path("f.pt"), "w", tensor)
+
+
+def test_names_that_are_not_text_or_collide_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "surrogate.pt"
+    torch.save({"fc\udc80.weight": torch.ones(3, 3)}, path)
+    with pytest.raises(LoaderError, match=r"tensor name 'fc\\udc80\.weight' is not valid text"):
+        open_torch(path)
+    path = tmp_path / "collide.pt"
+    torch.save({1: torch.ones(3, 3), "1": torch.ones(3, 3), "a.weight": torch.ones(3, 3)}, path)
+    with pytest.raises(LoaderError, match=r"two keys of the state dict both read as '1'"):
+        open_torch(path)
+
+
+def test_the_search_visits_each_dict_once_and_has_a_budget(tmp_path: Path) -> None:
+    level: dict[str, Any] = {"leaf": 1}
+    for _ in range(60):  # 2**60 paths, 61 distinct dicts
+        level = {"a": level, "b": level}
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    weights = {"fc.weight": torch.ones(3, 3)}
+    found = torch_loader.find_weights(tmp_path, {"history": level, "loop": loop, "w": weights})
+    assert found.weights is weights
+    wide = {str(index): index for index in range(torch_loader.MAX_SEARCH_ENTRIES + 1)}
+    with pytest.raises(LoaderError, match=r"more than 1000000 dict entries to search"):
+        torch_loader.find_weights(tmp_path, {"w": weights, "vocabulary": {"big": wide}})
+
+
+def test_the_pickle_shape_is_bounded_before_torch_runs(tmp_path: Path) -> None:
+    key: object = ("leaf",)
+    for _ in range(30):
+        key = (key, key)
+    path = tmp_path / "dag.pt"
+    body = b"\x80\x02}" + pickle.dumps(key, protocol=2)[2:-1] + b"K\x01s."
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", body)
+        archive.writestr("archive/byteorder", b"little")
+    with pytest.raises(LoaderError, match=r"expand to more than 20000000"):
+        open_torch(path)
+    # The shape of a real checkpoint is far inside the bounds, in both of torch's formats.
+    legacy = tmp_path / "legacy.pt"
+    torch.save(small_state_dict(), legacy, _use_new_zipfile_serialization=False)
+    for good in (STATE_DICT, LIGHTNING, legacy):
+        stream = open(good, "rb")  # noqa: SIM115 - closed below
+        with stream:
+            if good != legacy:
+                with zipfile.ZipFile(stream) as archive:
+                    name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+                    shape = torch_loader._pickle_shape(archive.open(name))  # type: ignore[arg-type]
+            else:
+                for _ in range(3):
+                    torch_loader._pickle_shape(stream)
+                shape = torch_loader._pickle_shape(stream)
+        assert shape is not None
+        assert shape[0] < 10_000 and shape[1] < 20, (good, shape)
+
+
+def test_the_deadline_stops_torchs_unpickler_and_restores_the_timer(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    path = tmp_path / "long.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02](" + b"K\x01" * 3_000_000 + b"e.")
+        archive.writestr("archive/byteorder", b"little")
+        archive.writestr("archive/version", b"3\n")
+    fired: list[int] = []
+
+    def earlier(signum: int, frame: object) -> None:
+        fired.append(signum)
+
+    previous = signal.signal(signal.SIGALRM, earlier)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        started = time.monotonic()
+        with (
+            pytest.raises(LoaderError, match=r"longer than 0.5 s, the deadline"),
+            torch_loader.deadline(path, 0.5),
+        ):
+            torch.load(path, weights_only=True, mmap=True)  # several seconds without one
+        assert time.monotonic() - started < 3
+        assert signal.getsignal(signal.SIGALRM) is earlier
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 20 < left < 30
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert fired == []
+
+
+def test_unexpected_exceptions_become_loader_errors() -> None:
+    path = Path("x.pt")
+    with (
+        pytest.raises(LoaderError, match=r"^x\.pt: not enough memory to read"),
+        torch_loader.reading_boundary(path),
+    ):
+        raise MemoryError
+    with (
+        pytest.raises(LoaderError, match=r"^x\.pt: holds objects nested too deeply"),
+        torch_loader.reading_boundary(path),
+    ):
+        raise RecursionError
+    with (
+        pytest.raises(LoaderError, match=r"^x\.pt: not a readable PyTorch checkpoint \(KeyError"),
+        torch_loader.reading_boundary(path),
+    ):
+        raise KeyError("storage")

@@ -524,7 +524,7 @@ def deadline(path: Path, seconds: float) -> Iterator[None]:
         yield
     except DeadlinePassed:
         raise LoaderError(
-            f"{path}: reading its pickle took longer than {seconds:.0f} s, the deadline "
+            f"{path}: reading its pickle took longer than {seconds:.3g} s, the deadline "
             f"(a crafted or very large file; set {TIMEOUT_ENV} to allow more seconds)"
         ) from None
     finally:
