@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 
-.PHONY: install dev run test lint typecheck fixtures experiment bench clean
+.PHONY: install dev run test test-slow lint typecheck fixtures experiment bench clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ typecheck: dev
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q
+
+# The expensive checks (long fuzzing runs, memory bombs, the full experiment's reduced run): not in CI.
+test-slow: dev
+	$(BIN)/python -m pytest -q -m slow
 
 fixtures: dev
 	$(BIN)/python fixtures/make_fixtures.py
