@@ -9,6 +9,7 @@ of a csv/json run go to stderr. Every line for people escapes what comes from th
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import signal
@@ -201,6 +202,75 @@ FormatOption = Annotated[
 ]
 DebugOption = Annotated[
     bool, typer.Option("--debug", help="Show tracebacks on errors.", rich_help_panel=OUTPUT)
+]
+JobsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        min=1,
+        metavar="N",
+        help="Layers analyzed (and pictures drawn) in parallel, BLAS capped to one thread each "
+        "(default: the number of cores); 1 = one layer at a time.",
+        show_default=False,
+        rich_help_panel=ENGINE,
+    ),
+]
+QuietOption = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress or summary on stderr.", rich_help_panel=OUTPUT),
+]
+
+
+class ImageFormat(enum.StrEnum):
+    """The file format of --plot pictures."""
+
+    png = "png"
+    svg = "svg"
+
+
+PlotOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        metavar="DIR",
+        help="Also draw every analyzed layer's ESD (log-log and linear histograms, the fitted "
+        "power law, xmin) and each checkpoint's overview into this folder (needs "
+        "wwcli[plot]).",
+        show_default=False,
+        file_okay=False,
+        rich_help_panel=OUTPUT,
+    ),
+]
+PlotFormatOption = Annotated[
+    ImageFormat,
+    typer.Option(
+        "--plot-format", help="File format of the --plot pictures.", rich_help_panel=OUTPUT
+    ),
+]
+HtmlOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--html",
+        metavar="FILE",
+        help="Also write one self-contained HTML report (summary, table, every picture; opens "
+        "with no network; needs wwcli[plot]).",
+        show_default=False,
+        dir_okay=False,
+        rich_help_panel=OUTPUT,
+    ),
+]
+SpectraOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--spectra",
+        metavar="FILE.npz",
+        help="Also write the eigenvalues of every analyzed layer, keyed by layer name, as a "
+        "NumPy .npz archive (np.load(FILE)[name]).",
+        show_default=False,
+        dir_okay=False,
+        rich_help_panel=OUTPUT,
+    ),
 ]
 
 
@@ -423,8 +493,8 @@ class ReportFile:
     """Where."""
     option: str
     """The option that asked for it ("--csv"), for messages."""
-    output_format: OutputFormat
-    """What goes in it."""
+    file_format: str
+    """What goes in it: "csv", "json", "html" (the report with its pictures) or "npz" (spectra)."""
 
 
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5", ".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -460,7 +530,7 @@ def _check_not_read(targets: Sequence[ReportFile], report: CheckpointReport) -> 
             )
 
 
-def _write_atomically(target: Path, text: str) -> None:
+def _write_atomically(target: Path, text: str | bytes) -> None:
     """Write `text` to `target` through a temporary file in the same folder and a rename, so a
     reader never sees half a file and a failure leaves the old file as it was.
 
@@ -476,8 +546,7 @@ def _write_atomically(target: Path, text: str) -> None:
         raise UsageError(f"{target}: cannot write: {error.strerror or error}") from error
     if mode is not None and not stat.S_ISREG(mode):
         try:
-            with target.open("w", encoding="utf-8", newline="") as stream:
-                stream.write(text)
+            _write_to(target, text)
         except OSError as error:
             raise UsageError(f"{target}: cannot write: {error.strerror or error}") from error
         return
@@ -485,14 +554,108 @@ def _write_atomically(target: Path, text: str) -> None:
         target = Path(os.path.realpath(target))
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with temporary.open("w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
+        _write_to(temporary, text)
         os.replace(temporary, target)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise UsageError(f"{target}: cannot write: {error.strerror or error}") from error
         raise
+
+
+def _write_to(path: Path, data: str | bytes) -> None:
+    if isinstance(data, bytes):
+        with path.open("wb") as stream:
+            stream.write(data)
+    else:
+        with path.open("w", encoding="utf-8", newline="") as stream:
+            stream.write(data)
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """What the run draws after the numbers: ESD plots and overviews into a folder."""
+
+    folder: Path | None
+    """--plot DIR; None: no picture files."""
+    image_format: str = "png"
+    """--plot-format."""
+    jobs: int = 1
+    """Threads the pictures are drawn in."""
+
+    @property
+    def wanted(self) -> bool:
+        """Whether a picture is asked for."""
+        return self.folder is not None
+
+
+def _check_pictures(pictures: Pictures, targets: Sequence[ReportFile]) -> None:
+    """Fail before anything is read when pictures are asked for and cannot be drawn."""
+    if pictures.folder is not None and pictures.folder.exists() and not pictures.folder.is_dir():
+        raise UsageError(f"--plot {pictures.folder}: exists and is not a folder")
+    if pictures.wanted or any(target.file_format == "html" for target in targets):
+        from wwcli.report.plots import PlotError, require_matplotlib
+
+        try:
+            require_matplotlib()
+        except PlotError as error:
+            raise UsageError(str(error)) from error
+
+
+def _picture_progress(run: _Run, label: str, total: int) -> _ProgressBar | None:
+    if run.quiet or not run.stderr.is_terminal:
+        return None
+    bar = _ProgressBar(run.stderr)
+    bar.checkpoint_started(label, total)
+    return bar
+
+
+def _file_content(run: _Run, result: RunResult, target: ReportFile, jobs: int) -> str | bytes:
+    """What a report file holds."""
+    if target.file_format == "npz":
+        from wwcli.report.spectra import spectra_npz
+
+        return spectra_npz(result)
+    if target.file_format == "html":
+        from wwcli.report.figures import report_images
+        from wwcli.report.html import render_html
+
+        total = sum(len(report.layers) for report in result.reports)
+        bar = _picture_progress(run, "plots for the report", total)
+        try:
+            images = report_images(
+                result, jobs=jobs, on_layer=(lambda r: bar.layer_done(r.spec)) if bar else None
+            )
+        finally:
+            if bar is not None:
+                bar.checkpoint_done("")
+        return render_html(result, images)
+    return _formatter(OutputFormat(target.file_format)).render(result)
+
+
+def _write_pictures(run: _Run, result: RunResult, pictures: Pictures) -> None:
+    if pictures.folder is None:
+        return
+    from wwcli.report.figures import write_plots
+
+    total = sum(len(report.layers) for report in result.reports)
+    bar = _picture_progress(run, "plots", total)
+    try:
+        written = write_plots(
+            result,
+            pictures.folder.expanduser(),
+            image_format=pictures.image_format,
+            jobs=pictures.jobs,
+            on_layer=(lambda r: bar.layer_done(r.spec)) if bar else None,
+        )
+    except OSError as error:
+        raise UsageError(
+            f"--plot {pictures.folder}: cannot write: {error.strerror or error}"
+        ) from error
+    finally:
+        if bar is not None:
+            bar.checkpoint_done("")
+    run.info(f"{len(written)} pictures written to {pictures.folder}")
 
 
 # --- Running and emitting ----------------------------------------------------------------------
@@ -511,7 +674,7 @@ def _run_analysis(
     settings: RunSettings,
     *,
     jobs: int | None,
-    stdout_format: Formatter,
+    stdout_format: Formatter | None,
     targets: Sequence[ReportFile],
 ) -> RunResult:
     """Analyze every path through the run layer, streaming what can be shown as each report
@@ -533,7 +696,7 @@ def _run_analysis(
             continue
         _check_not_read(targets, outcome)
         reports.append(outcome)
-        if stdout_format.streams:
+        if stdout_format is not None and stdout_format.streams:
             sys.stdout.write(stdout_format.render_report(outcome))
             sys.stdout.flush()
         else:
@@ -543,22 +706,29 @@ def _run_analysis(
 
 
 def emit(
-    run: _Run, result: RunResult, stdout_format: Formatter, targets: Sequence[ReportFile]
+    run: _Run,
+    result: RunResult,
+    stdout_format: Formatter | None,
+    targets: Sequence[ReportFile],
+    pictures: Pictures | None = None,
 ) -> ExitCode:
-    """Write what the run asked for: the rest of stdout, the report files (only when every input
-    was read), the gate's trips; return the exit code the gate decided."""
+    """Write what the run asked for: the rest of stdout, the report files and pictures (only
+    when every input was read; pictures after the numbers, which they never change), the gate's
+    trips; return the exit code the gate decided."""
     from wwcli.gate import evaluate
 
-    if result.reports and not stdout_format.streams:
+    if result.reports and stdout_format is not None and not stdout_format.streams:
         sys.stdout.write(stdout_format.render(result))
     outcome = evaluate(result)
     if result.failures:
         if len(result.failures) + len(result.reports) > 1:
             run.error("some inputs could not be read; no report files were written")
         return outcome.code
+    jobs = pictures.jobs if pictures is not None else 1
     for target in targets:
-        file_format = _formatter(target.output_format)
-        _write_atomically(target.path, file_format.render(result))
+        _write_atomically(target.path, _file_content(run, result, target, jobs))
+    if pictures is not None:
+        _write_pictures(run, result, pictures)
     for trip in outcome.trips:
         run.stderr.print(
             printable(f"gate: {trip.checkpoint}: layer {trip.layer_id} {trip.name}: {trip.reason}"),
@@ -632,19 +802,7 @@ def analyze(
             rich_help_panel=ENGINE,
         ),
     ] = Precision.float64,
-    jobs: Annotated[
-        int | None,
-        typer.Option(
-            "--jobs",
-            "-j",
-            min=1,
-            metavar="N",
-            help="Layers analyzed in parallel, BLAS capped to one thread each "
-            "(default: the number of cores); 1 = one layer at a time.",
-            show_default=False,
-            rich_help_panel=ENGINE,
-        ),
-    ] = None,
+    jobs: JobsOption = None,
     fail_below: Annotated[
         float,
         typer.Option(
@@ -702,12 +860,11 @@ def analyze(
             rich_help_panel=OUTPUT,
         ),
     ] = None,
-    quiet: Annotated[
-        bool,
-        typer.Option(
-            "--quiet", "-q", help="No progress or summary on stderr.", rich_help_panel=OUTPUT
-        ),
-    ] = False,
+    plot: PlotOption = None,
+    plot_format: PlotFormatOption = ImageFormat.png,
+    html_file: HtmlOption = None,
+    spectra_file: SpectraOption = None,
+    quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Compute alpha and the other spectral metrics of every weight matrix, show them, and
@@ -737,21 +894,110 @@ def analyze(
             fail_above=fail_above,
             fail_on_failed_fit=fail_on_failed_fit,
             exit_zero=exit_zero,
+            keep_spectra=plot is not None or html_file is not None or spectra_file is not None,
         )
         _check_device(settings)
         targets = [
             ReportFile(path, option, file_format)
             for path, option, file_format in (
-                (csv_file, "--csv", OutputFormat.csv),
-                (json_file, "--json", OutputFormat.json),
+                (csv_file, "--csv", "csv"),
+                (json_file, "--json", "json"),
+                (html_file, "--html", "html"),
+                (spectra_file, "--spectra", "npz"),
             )
             if path is not None
         ]
-        for target in targets:
-            _check_output_target(target, paths)
-        stdout_format = _formatter(output_format)
-        result = _run_analysis(
-            run, paths, settings, jobs=jobs, stdout_format=stdout_format, targets=targets
+        code = _analyze_and_emit(
+            run,
+            paths,
+            settings,
+            jobs=jobs,
+            stdout_format=_formatter(output_format),
+            targets=targets,
+            pictures=Pictures(plot, plot_format.value),
         )
-        code = emit(run, result, stdout_format, targets)
+    raise typer.Exit(code)
+
+
+def _analyze_and_emit(
+    run: _Run,
+    paths: Sequence[Path],
+    settings: RunSettings,
+    *,
+    jobs: int | None,
+    stdout_format: Formatter | None,
+    targets: Sequence[ReportFile],
+    pictures: Pictures,
+) -> ExitCode:
+    """analyze's and report's shared path: check every output before reading anything, run,
+    emit."""
+    from wwcli.runners import default_jobs
+
+    for target in targets:
+        _check_output_target(target, paths)
+    jobs = jobs or default_jobs()
+    pictures = dataclasses.replace(pictures, jobs=jobs)
+    _check_pictures(pictures, targets)
+    result = _run_analysis(
+        run, paths, settings, jobs=jobs, stdout_format=stdout_format, targets=targets
+    )
+    return emit(run, result, stdout_format, targets, pictures)
+
+
+@app.command(cls=_Command)
+def report(
+    paths: PathsArgument,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="The HTML file to write.",
+            dir_okay=False,
+            rich_help_panel=OUTPUT,
+        ),
+    ],
+    trust_pickle: TrustPickleOption = False,
+    layers: LayersOption = None,
+    min_evals: MinEvalsOption = 8,
+    max_evals: MaxEvalsOption = 15000,
+    jobs: JobsOption = None,
+    plot: PlotOption = None,
+    plot_format: PlotFormatOption = ImageFormat.png,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Write one self-contained HTML report of checkpoints: the summary, the table (very
+    heavy-tailed rows marked as in the terminal), each checkpoint's overview figure and every
+    layer's ESD plot, images embedded; it opens with no network and needs no JavaScript. Exits 0
+    unless an input cannot be read (use analyze to gate). Needs wwcli[plot].
+
+    Examples:
+
+      wwcli report model.safetensors -o report.html
+
+      wwcli report run/ckpt-*.keras -o run.html --layers dense
+    """
+    run = _Run(debug=debug, quiet=quiet)
+    with _guard(run):
+        settings = settings_from_cli(
+            layers=layers,
+            min_evals=min_evals,
+            max_evals=max_evals,
+            trust_pickle=trust_pickle,
+            exit_zero=True,
+            keep_spectra=True,
+        )
+        code = _analyze_and_emit(
+            run,
+            paths,
+            settings,
+            jobs=jobs,
+            stdout_format=None,
+            targets=[ReportFile(output, "--output", "html")],
+            pictures=Pictures(plot, plot_format.value),
+        )
+        if code is ExitCode.OK:
+            run.info(f"report written to {output}")
     raise typer.Exit(code)
