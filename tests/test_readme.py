@@ -24,3 +24,22 @@ def test_readme_example_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
     assert found.group(0) == module.example_block(), (
         "README example is stale: run python docs/update_readme_example.py"
     )
+
+
+def test_readme_pictures_are_drawn_by_the_tool(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    script = ROOT / "docs" / "update_readme_pictures.py"
+    spec = importlib.util.spec_from_file_location("update_readme_pictures", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.write_pictures(tmp_path)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in written:
+        assert f"docs/{path.name}" in readme, f"README does not show {path.name}"
+        assert (ROOT / "docs" / path.name).is_file()
+        pixels = imread(path)
+        assert pixels.shape[0] > 300 and pixels.shape[1] > 600
+        assert pixels.std() > 0.05  # not blank
