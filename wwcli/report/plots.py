@@ -288,11 +288,12 @@ def esd_figure(
             reason = f"{reason}; {fit.message}"
         return _no_eigenvalues(figure, reason)
 
-    figure.subplots_adjust(left=0.06, right=0.985, bottom=0.12, top=0.86, wspace=0.16)
+    figure.subplots_adjust(left=0.07, right=0.985, bottom=0.12, top=0.86, wspace=0.17)
     loglog, linear = figure.subplots(1, 2)
     loglog.set_gid(ESD_AXES_GIDS[0])
     linear.set_gid(ESD_AXES_GIDS[1])
-    label = f"ESD: {plotted.size} eigenvalues > {threshold:g}"
+    noun = "eigenvalue" if plotted.size == 1 else "eigenvalues"
+    label = f"ESD: {plotted.size} {noun} > {threshold:g}"
     dropped = values.size - plotted.size
     if dropped:
         label += f" ({dropped} at or below not shown)"
@@ -374,7 +375,11 @@ def _plain_log_ticks(
 
 
 def _decade_label(value: float, _: object = None) -> str:
-    return f"{value:g}" if 1e-3 <= value < 1e4 else f"{value:.0e}"
+    # Where the locator falls back to linear steps (a range of one value), a short format
+    # would repeat a label: up to six digits in plain notation, two significant ones beyond.
+    if 1e-3 <= value < 1e5:
+        return f"{value:.6g}"
+    return str(np.format_float_scientific(value, precision=1, trim="-", exp_digits=2))
 
 
 def _few_linear_ticks(axes: Axes) -> None:
@@ -464,7 +469,8 @@ def overview_figure(
     if not layers:
         alpha_axes.text(0.5, 0.5, "no layers analyzed", ha="center", transform=alpha_axes.transAxes)
     if alpha_axes.get_legend_handles_labels()[0]:
-        alpha_axes.legend(loc="upper right", fontsize="small")
+        # Outside, right of the panel: inside it would hide the points of the last layers.
+        alpha_axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
 
     norms = np.array([layer.metrics.log_spectral_norm for layer in layers], dtype=np.float64)
     finite = np.isfinite(norms)
