@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "ESD_AXES_GIDS",
     "IMAGE_FORMATS",
+    "VERDICT_COLORS",
     "EsdAxes",
     "PlotError",
     "add_esd_curve",
@@ -53,8 +54,11 @@ __all__ = [
     "figure_bytes",
     "overview_figure",
     "overview_file_name",
+    "plain",
     "plot_file_name",
+    "power_law_density",
     "require_matplotlib",
+    "safe_name",
     "trajectory_figure",
 ]
 
