@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from wwcli.loaders.interface import Checkpoint
+from wwcli.loaders._statedict import StateDictCheckpoint
+from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType
 
 Row = tuple[str, str, int, int, int]
 
@@ -21,9 +22,21 @@ def ww_rows(model: object) -> dict[int, Row]:
 
 
 def our_rows(checkpoint: Checkpoint) -> dict[int, Row]:
-    """The same view of wwcli's layers: the analyzable ones."""
+    """The same view of wwcli's layers: the analyzable ones.
+
+    weightwatcher types a state dict's tensors by rank alone, so a 2-D embedding table is its
+    "dense"; wwcli types it `embedding` by name (`_statedict.is_embedding_name`), a deliberate
+    difference that changes no id and no number. For a state dict the view therefore shows
+    wwcli's embedding as weightwatcher's "dense"; every other type must be the same."""
+    state_dict = isinstance(checkpoint, StateDictCheckpoint)
+
+    def shown_type(layer: LayerSpec) -> str:
+        if state_dict and layer.layer_type is LayerType.EMBEDDING:
+            return LayerType.DENSE.value
+        return layer.layer_type.value
+
     return {
-        layer.layer_id: (layer.name, layer.layer_type.value, layer.N, layer.M, layer.rf)
+        layer.layer_id: (layer.name, shown_type(layer), layer.N, layer.M, layer.rf)
         for layer in checkpoint.layers()
         if layer.analyzable
     }

@@ -3,14 +3,17 @@ safetensors files and folders, PyTorch `.pt`/`.bin` state dicts.
 
 weightwatcher 0.7.7 numbers such a file by its tensors whose names end in `.weight`, in the
 order it reads them, from 0 for a model folder; every such tensor consumes an id, also a 1-D
-norm scale it will never analyze. Its type comes from the tensor's rank alone.
+norm scale it will never analyze. weightwatcher types them by rank alone (2-D dense, 4-D
+conv2d); wwcli also types a 2-D embedding table `embedding` by its name (`is_embedding_name`),
+which changes no id and no number (the engine reads an embedding exactly as a dense matrix).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,34 @@ WEIGHT_SUFFIX = ".weight"
 # The last name component of a 1-D scale that belongs to a normalization layer: LayerNorm
 # (`ln_1`, `ln_f`, `layernorm`), BatchNorm (`bn1`), RMSNorm (`norm`, `input_layernorm`).
 _NORM_NAME = re.compile(r"(norm|^ln(_|\d|$)|^bn(_|\d|$))", re.IGNORECASE)
+
+
+_EMBEDDING_NAME = re.compile(
+    r"(wte|wpe|shared|embed_tokens|embed_positions|embed_in|relative_attention_bias"
+    r"|(\w+_)?(embed|embeds|embedding|embeddings))",
+    re.IGNORECASE,
+)
+"""The last name component of an embedding table (see `is_embedding_name`)."""
+
+
+def is_embedding_name(name: str) -> bool:
+    """Whether a layer name (a tensor key without `.weight`) names an embedding table.
+
+    The rule looks at the last component only (split on "." and "/", a Keras ":0" dropped),
+    the module that owns the weight, so that a projection inside an embeddings block
+    (`embeddings.projection`, ELECTRA's `embeddings_project`, DeBERTa's `embed_proj`,
+    `embedding_projection.dense`) stays dense. That component, case aside, must be one of
+    `wte`, `wpe` (GPT-2), `shared` (T5, BART), `embed_tokens`, `embed_positions` (Llama, OPT,
+    BART, Whisper), `embed_in` (GPT-NeoX), `relative_attention_bias` (T5's bias table, an
+    nn.Embedding), or be `embed`, `embeds`, `embedding`, `embeddings`, alone or after a word
+    and "_": `word_embeddings`, `position_embeddings`, `token_type_embeddings` (BERT),
+    `tok_embeddings` (Llama's original), `token_embedding` (CLIP), `pos_embed`, and Flax's
+    `Embed_0.embedding`. So `unembed` and GPT-NeoX's `embed_out` (output heads), `q_proj`,
+    `dense`, `fc1`, `lm_head` never match.
+    """
+    last = re.split(r"[./]", name)[-1]
+    last = re.sub(r":\d+$", "", last)
+    return _EMBEDDING_NAME.fullmatch(last) is not None
 
 
 @dataclass(frozen=True)
@@ -64,9 +95,10 @@ def layer_name(key: str) -> str:
 def spec_for_tensor(layer_id: int, entry: TensorEntry) -> LayerSpec:
     """The LayerSpec weightwatcher's state-dict reader would give this tensor.
 
-    Rank decides the type, as in weightwatcher: 2-D dense, 4-D conv2d (torch layout
-    out, in, kh, kw). weightwatcher leaves 3-D tensors unanalyzed; wwcli reads them as conv1d
-    (out, in, k). A tensor whose first dimension is below 2 is never analyzed by
+    Rank decides the type, as in weightwatcher: 2-D dense (embedding when
+    `is_embedding_name` says so), 4-D conv2d (torch layout out, in, kh, kw). weightwatcher
+    leaves 3-D tensors of a state dict unanalyzed; wwcli reads them as conv1d (out, in, k),
+    kernel axis 2. A tensor whose first dimension is below 2 is never analyzed by
     weightwatcher (its rank test is `len(weights) < 2`), and neither is it here.
     """
     name = layer_name(entry.key)
@@ -81,6 +113,8 @@ def spec_for_tensor(layer_id: int, entry: TensorEntry) -> LayerSpec:
     if rank > 4:
         return _unanalyzed(layer_id, entry, LayerType.OTHER, f"{rank}-D tensor, not analyzed")
     layer_type = {2: LayerType.DENSE, 3: LayerType.CONV1D, 4: LayerType.CONV2D}[rank]
+    if rank == 2 and is_embedding_name(name):
+        layer_type = LayerType.EMBEDDING
     out_features, in_features = shape[0], shape[1]
     N, M = max(out_features, in_features), min(out_features, in_features)
     rf = math.prod(shape[2:])
@@ -99,6 +133,7 @@ def spec_for_tensor(layer_id: int, entry: TensorEntry) -> LayerSpec:
         M=M,
         rf=rf,
         skip_reason=skip_reason,
+        kernel_axis=2 if rank == 3 else None,
     )
 
 
@@ -137,6 +172,53 @@ def matrices_of_tensor(tensor: np.ndarray, layer: LayerSpec) -> list[np.ndarray]
     raise LoaderError(f"{layer.name}: a {tensor.ndim}-D tensor has no matrices")
 
 
+HEAD_NAME = "lm_head"
+"""The output head Hugging Face ties to the input embedding (`tie_word_embeddings`)."""
+
+INPUT_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
+"""Last name components of the input embedding a tied head shares (T5's `shared` too)."""
+
+
+def tied_head_pairs(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
+    """For a file whose config says `tie_word_embeddings: true`: key -> the layer it shares
+    weights with, for the input embedding and `lm_head` (both ways when both are stored; the
+    embedding alone, tied to `lm_head`, when the head was left out as a duplicate). {} when no
+    input embedding is found, or the head is stored with a shape of its own."""
+    embedding = next(
+        (
+            key
+            for key in keys
+            if key.endswith(WEIGHT_SUFFIX)
+            and len(shapes.get(key, ())) == 2
+            and layer_name(key).rsplit(".", 1)[-1] in (*INPUT_EMBEDDING_NAMES, "shared")
+        ),
+        None,
+    )
+    if embedding is None:
+        return {}
+    head = next((key for key in keys if layer_name(key).rsplit(".", 1)[-1] == HEAD_NAME), None)
+    if head is None:
+        return {embedding: HEAD_NAME}
+    if shapes.get(head) != shapes[embedding]:
+        return {}
+    return {embedding: layer_name(head), head: layer_name(embedding)}
+
+
+def metadata_ties(metadata: Mapping[str, str], keys: Sequence[str]) -> dict[str, str]:
+    """Ties a safetensors `__metadata__` records: `safetensors.torch.save_model` drops a tensor
+    that shares storage with another and writes `{"<dropped key>": "<kept key>"}`. Returns
+    kept key -> the dropped layer's name (and dropped -> kept, should both be stored), only for
+    entries whose value is a tensor of the file and whose key is a `.weight` name."""
+    present = set(keys)
+    ties: dict[str, str] = {}
+    for dropped, kept in metadata.items():
+        if kept in present and dropped != kept and dropped.endswith(WEIGHT_SUFFIX):
+            ties.setdefault(kept, layer_name(dropped))
+            if dropped in present:
+                ties.setdefault(dropped, layer_name(kept))
+    return ties
+
+
 TensorReader = Callable[[str], np.ndarray]
 """Reads one tensor by key, now, as a float array of its stored shape."""
 
@@ -165,8 +247,12 @@ class StateDictCheckpoint(Checkpoint):
         ids_note: str | None = None,
         source_note: str | None = None,
         close: Callable[[], None] | None = None,
+        tied: Mapping[str, str] | None = None,
     ) -> None:
-        """Number `tensors` (all of them, in weightwatcher's reading order) from 0."""
+        """Number `tensors` (all of them, in weightwatcher's reading order) from 0.
+
+        `tied`: tensor key -> the name of the layer it shares its weights with, where the file
+        says so; it becomes `LayerSpec.tied_to` of that key's layer."""
         self.path = path
         self.format = file_format
         keys = [entry.key for entry, _ in tensors]
@@ -179,6 +265,8 @@ class StateDictCheckpoint(Checkpoint):
         for entry, read in tensors:
             if entry.key in chosen_set:
                 spec = spec_for_tensor(len(self._numbered), entry)
+                if tied and entry.key in tied:
+                    spec = dataclasses.replace(spec, tied_to=tied[entry.key])
                 self._numbered.append(NumberedTensor(spec=spec, key=entry.key, read=read))
         self._close = close
 

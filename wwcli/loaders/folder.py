@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wwcli.loaders._statedict import StateDictCheckpoint, TensorEntry, TensorReader
+from wwcli.loaders._statedict import (
+    StateDictCheckpoint,
+    TensorEntry,
+    TensorReader,
+    metadata_ties,
+    tied_head_pairs,
+)
 from wwcli.loaders.interface import (
     Checkpoint,
     LoaderError,
@@ -160,10 +166,10 @@ def _files(folder: Path, pattern: str) -> list[Path]:
     )
 
 
-def _hugging_face_note(files: ReadableFiles) -> str | None:
-    """'Hugging Face model folder (LlamaForCausalLM)' when config.json says so; informative
-    only, so a config.json that is not JSON, or too large to be a config, is ignored. One that
-    is a link out of the folder or not a regular file is refused like any file read."""
+def _read_config(files: ReadableFiles) -> dict[str, Any] | None:
+    """config.json as a dict; None when there is none, or it is not a JSON object or too large
+    to be a config (it is informative only). One that is a link out of the folder or not a
+    regular file is refused like any file read."""
     config_path = files.folder / "config.json"
     if not os.path.lexists(config_path) or config_path.is_dir():
         return None
@@ -175,7 +181,38 @@ def _hugging_face_note(files: ReadableFiles) -> str | None:
             config = json.loads(stream.read().decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
-    if not isinstance(config, dict):
+    return config if isinstance(config, dict) else None
+
+
+def _ties_word_embeddings(files: ReadableFiles) -> bool:
+    """Whether config.json says `"tie_word_embeddings": true` (the JSON literal, nothing
+    else: Hugging Face's default when the key is absent is not what the file says)."""
+    config = _read_config(files)
+    return config is not None and config.get("tie_word_embeddings") is True
+
+
+def _folder_ties(
+    files: ReadableFiles,
+    tensors: Sequence[tuple[TensorEntry, TensorReader]],
+    found_ties: dict[str, str],
+) -> dict[str, str]:
+    """The ties the weight files recorded (`found_ties`), and the input embedding and
+    `lm_head` when config.json ties them."""
+    ties = dict(found_ties)
+    if _ties_word_embeddings(files):
+        keys = [entry.key for entry, _ in tensors]
+        shapes = {entry.key: entry.shape for entry, _ in tensors}
+        for key, other in tied_head_pairs(keys, shapes).items():
+            ties.setdefault(key, other)
+    return ties
+
+
+def _hugging_face_note(files: ReadableFiles) -> str | None:
+    """'Hugging Face model folder (LlamaForCausalLM)' when config.json says so; informative
+    only, so a config.json that is not JSON, or too large to be a config, is ignored. One that
+    is a link out of the folder or not a regular file is refused like any file read."""
+    config = _read_config(files)
+    if config is None:
         return None
     architectures = config.get("architectures")
     if isinstance(architectures, list) and architectures:
@@ -256,10 +293,17 @@ class FolderCheckpoint(StateDictCheckpoint):
         ids_note: str | None = None,
         source_note: str | None = None,
         close: Callable[[], None] | None = None,
+        tied: dict[str, str] | None = None,
     ) -> None:
         """`read`: every file opened for this checkpoint, as real paths."""
         super().__init__(
-            path, file_format, tensors, ids_note=ids_note, source_note=source_note, close=close
+            path,
+            file_format,
+            tensors,
+            ids_note=ids_note,
+            source_note=source_note,
+            close=close,
+            tied=tied,
         )
         self._read = tuple(dict.fromkeys(read))
 
@@ -280,6 +324,7 @@ def _open_safetensors_index(files: ReadableFiles, index: Path, hf_note: str | No
     for key, shard in weight_map.items():
         keys_by_shard.setdefault(shard, []).append(key)
     tensors: list[tuple[TensorEntry, TensorReader]] = []
+    ties: dict[str, str] = {}
     listed = 0
     in_shards = 0
     # weightwatcher takes the shards in sorted order (numpy.unique of the weight_map's values)
@@ -287,7 +332,9 @@ def _open_safetensors_index(files: ReadableFiles, index: Path, hf_note: str | No
     for shard in sorted(keys_by_shard):
         shard_path = _shard_path(files, index, shard)
         read.append(files.check(shard_path))
-        infos = read_header(shard_path).by_key()
+        header = read_header(shard_path)
+        infos = header.by_key()
+        ties.update(metadata_ties(header.metadata, list(infos)))
         in_shards += len(infos)
         check_layer_count(files.folder, in_shards)
         for key in keys_by_shard[shard]:
@@ -312,6 +359,7 @@ def _open_safetensors_index(files: ReadableFiles, index: Path, hf_note: str | No
         tensors,
         read=read,
         source_note=_join_notes(hf_note, unlisted_note),
+        tied=_folder_ties(files, tensors, ties),
     )
 
 
@@ -323,11 +371,14 @@ def _open_safetensors_files(
     read_by_weightwatcher: bool,
 ) -> Checkpoint:
     tensors: list[tuple[TensorEntry, TensorReader]] = []
+    ties: dict[str, str] = {}
     read = _config_read(files, hf_note)
     for file in found:
         read.append(files.check(file))
-        for info in sorted(read_header(file).tensors, key=lambda info: info.key):
+        header = read_header(file)
+        for info in sorted(header.tensors, key=lambda info: info.key):
             tensors.append((tensor_entry(info), tensor_reader(file, info)))
+        ties.update(metadata_ties(header.metadata, [info.key for info in header.tensors]))
         check_layer_count(files.folder, len(tensors))
     ids_note = GAP_NOTE if len(found) >= 3 else None
     if not read_by_weightwatcher:
@@ -343,11 +394,12 @@ def _open_safetensors_files(
         read=read,
         ids_note=ids_note,
         source_note=hf_note,
+        tied=_folder_ties(files, tensors, ties),
     )
 
 
 def _open_bin_files(files: ReadableFiles, hf_note: str | None, *, trust_pickle: bool) -> Checkpoint:
-    from wwcli.loaders.torch import load_state_dict, tensor_entry, tensor_reader
+    from wwcli.loaders.torch import load_state_dict, storage_ties, tensor_entry, tensor_reader
 
     folder = files.folder
     read = _config_read(files, hf_note)
@@ -359,6 +411,7 @@ def _open_bin_files(files: ReadableFiles, hf_note: str | None, *, trust_pickle: 
             _shard_path(files, bin_index, shard)
     found = _files(folder, BIN_READ_GLOB)
     tensors: list[tuple[TensorEntry, TensorReader]] = []
+    ties: dict[str, str] = {}
     closers: list[Callable[[], None]] = []
     notes: list[str] = []
     for file in found:
@@ -367,6 +420,7 @@ def _open_bin_files(files: ReadableFiles, hf_note: str | None, *, trust_pickle: 
         state: dict[str, Any] = {str(key): value for key, value in loaded.tensors.items()}
         read_tensor = tensor_reader(state)
         tensors.extend((tensor_entry(key, value), read_tensor) for key, value in state.items())
+        ties.update(storage_ties(state))
         closers.append(state.clear)
         if loaded.source_note:
             notes.append(f"{file.name}: {loaded.source_note}")
@@ -384,4 +438,5 @@ def _open_bin_files(files: ReadableFiles, hf_note: str | None, *, trust_pickle: 
         ids_note=GAP_NOTE if len(found) >= 3 else None,
         source_note=_join_notes(hf_note, *notes),
         close=close,
+        tied=_folder_ties(files, tensors, ties),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 import functools
 import io
@@ -236,6 +237,19 @@ class LayerSpec:
     skip_reason: str | None = None
     """Why this layer cannot be analyzed whatever the options ("no weights", "normalization layer",
     "unsupported dtype F8_E5M2", ...); None when its weights can be analyzed."""
+    tied_to: str | None = None
+    """The name of the other layer whose weights this one shares (a tied input embedding and
+    output head), set only where the file says so: a PyTorch state dict or module whose two
+    `.weight` tensors are one tensor (same storage, offset, shape and strides), safetensors
+    `__metadata__` recording a tensor removed as a duplicate of this one (`save_model`), or a
+    model folder whose config.json says `"tie_word_embeddings": true`. The name need not be a
+    listed layer: a head left out of the file as a duplicate is named all the same. None
+    otherwise; it changes no number and no id."""
+    kernel_axis: int | None = None
+    """For a conv1d layer with a 3-D kernel: the axis of `shape` that is the kernel position, the
+    axis `Checkpoint.matrices` splits along (0 for Keras' (k, in, out), 2 for PyTorch's
+    (out, in, k)). None for every other layer. `weightwatcher_conv1d_matrices` needs it to
+    rebuild the kernel as stored."""
 
     @property
     def num_evals(self) -> int:
@@ -246,6 +260,48 @@ class LayerSpec:
     def analyzable(self) -> bool:
         """True when the loader can hand this layer's matrices to the engine."""
         return self.skip_reason is None
+
+
+def weightwatcher_conv1d(spec: LayerSpec) -> bool:
+    """Whether `--conv1d weightwatcher` changes how this layer is read: a conv1d layer with a
+    3-D kernel whose kernel axis is known (HF GPT-2's 2-D `Conv1D` is a matrix either way)."""
+    return (
+        spec.layer_type is LayerType.CONV1D
+        and len(spec.shape) == 3
+        and spec.kernel_axis is not None
+    )
+
+
+def weightwatcher_conv1d_spec(spec: LayerSpec) -> LayerSpec:
+    """The layer as weightwatcher 0.7.7 sizes a Conv1D kernel: N = the largest of its three
+    sides, M = the smallest (usually the kernel size), rf = 1, so num_evals = M and a kernel
+    under min_evals (8) is skipped. Any layer `weightwatcher_conv1d` does not apply to comes
+    back unchanged. Reads no weights."""
+    if not weightwatcher_conv1d(spec) or 0 in spec.shape:
+        return spec
+    return dataclasses.replace(spec, N=max(spec.shape), M=min(spec.shape), rf=1)
+
+
+def weightwatcher_conv1d_matrices(spec: LayerSpec, matrices: list[np.ndarray]) -> list[np.ndarray]:
+    """weightwatcher 0.7.7's matrices of a Conv1D kernel, from the `rf` slices
+    `Checkpoint.matrices` returned for `spec` (the spec as listed, not the re-sized one).
+
+    weightwatcher hands the 3-D kernel, as stored, to `scipy.linalg.svd`, which takes it as a
+    stack of matrices along its first axis: Keras' (k, in, out) kernel gives k matrices of
+    (in, out) (the pooled slices themselves), PyTorch's (out, in, k) gives `out` matrices of
+    (in, k). The kernel is rebuilt from the slices along `spec.kernel_axis` and cut along its
+    first axis. Raises LoaderError when the slices do not make up the listed shape.
+    """
+    if not weightwatcher_conv1d(spec):
+        return matrices
+    assert spec.kernel_axis is not None  # weightwatcher_conv1d checked it
+    kernel = np.stack(matrices, axis=spec.kernel_axis)
+    if kernel.shape != spec.shape:
+        raise LoaderError(
+            f"{spec.name}: conv1d slices make a kernel of shape {kernel.shape}, expected "
+            f"{spec.shape}"
+        )
+    return [kernel[i] for i in range(kernel.shape[0])]
 
 
 class Checkpoint(abc.ABC):

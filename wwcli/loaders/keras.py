@@ -181,7 +181,9 @@ def matrix_sizes(layer_type: LayerType, shape: tuple[int, ...]) -> MatrixSizes:
     - conv1d: a kernel (k, in, out) is rf = k slices W[i] of (in, out), pooled like conv2d
       (REFERENCE.md). weightwatcher 0.7.7 differs: it sizes the kernel over all three sides
       (M = min(k, in, out), usually k) and keeps only the M largest pooled eigenvalues, so a
-      Conv1D with a kernel under 8 is never analyzed there. wwcli follows REFERENCE.md.
+      Conv1D with a kernel under 8 is never analyzed there. wwcli follows REFERENCE.md by
+      default; `--conv1d weightwatcher` re-sizes the layer as weightwatcher does
+      (`interface.weightwatcher_conv1d_spec`, from `LayerSpec.kernel_axis` = 0).
     """
     if layer_type in (LayerType.DENSE, LayerType.EMBEDDING):
         if len(shape) != 2:
@@ -322,6 +324,7 @@ class KerasCheckpoint(Checkpoint):
                     M=sizes.M,
                     rf=sizes.rf,
                     skip_reason=skip_reason,
+                    kernel_axis=0 if layer_type == LayerType.CONV1D and len(shape) == 3 else None,
                 )
             )
         return specs

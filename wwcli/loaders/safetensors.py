@@ -21,7 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from wwcli.loaders._statedict import StateDictCheckpoint, TensorEntry, TensorReader
+from wwcli.loaders._statedict import (
+    StateDictCheckpoint,
+    TensorEntry,
+    TensorReader,
+    metadata_ties,
+)
 from wwcli.loaders.interface import (
     MAX_LAYERS,
     Checkpoint,
@@ -495,8 +500,10 @@ def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
 def open_safetensors(path: Path) -> Checkpoint:
     """Open one `.safetensors` file: its `.weight` tensors in sorted key order, ids from 0.
 
-    Only the header is read now. Raises LoaderError when the file is missing, unreadable or
-    not a valid safetensors file.
+    Only the header is read now. A tensor that `__metadata__` records as kept for a dropped
+    duplicate (`safetensors.torch.save_model` writes `{"lm_head.weight":
+    "model.embed_tokens.weight"}`) gets `tied_to` the dropped one's name. Raises LoaderError
+    when the file is missing, unreadable or not a valid safetensors file.
     """
     if not path.exists():
         raise LoaderError(f"{path}: no such file")
@@ -506,6 +513,7 @@ def open_safetensors(path: Path) -> Checkpoint:
         path,
         "safetensors",
         [(tensor_entry(info), tensor_reader(path, info)) for info in infos],
+        tied=metadata_ties(header.metadata, [info.key for info in infos]),
     )
 
 

@@ -8,6 +8,7 @@ torch is imported only when a file of this format is opened.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import pickle
@@ -26,9 +27,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from wwcli.loaders._statedict import (
+    WEIGHT_SUFFIX,
     StateDictCheckpoint,
     TensorEntry,
     TensorReader,
+    layer_name,
     matrices_of_tensor,
 )
 from wwcli.loaders.interface import (
@@ -122,7 +125,52 @@ def state_dict_checkpoint(
         [(tensor_entry(key, value), tensor_reader(tensors)) for key, value in tensors.items()],
         source_note=loaded.source_note,
         close=tensors.clear,
+        tied=storage_ties(tensors),
     )
+
+
+def _same_weights_key(tensor: Any) -> tuple[object, ...] | None:
+    """What makes two stored tensors the same weights: one storage, the same offset, shape,
+    strides and dtype (torch.save keeps a tied weight as one storage, and torch.load gives
+    both keys tensors over it). None for a tensor without plain storage (meta, nested,
+    sparse, quantized, subclasses): such a one is never called tied."""
+    import torch
+
+    if (
+        type(tensor) not in (torch.Tensor, torch.nn.Parameter)
+        or tensor.layout != torch.strided
+        or tensor.is_meta
+        or tensor.is_nested
+        or tensor.is_quantized
+        or tensor.numel() == 0
+    ):
+        return None
+    return (
+        int(tensor.untyped_storage().data_ptr()),
+        int(tensor.storage_offset()),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        str(tensor.dtype),
+    )
+
+
+def storage_ties(tensors: Mapping[str, Any]) -> dict[str, str]:
+    """Key -> the layer it shares its weights with, for the `.weight` tensors of a loaded state
+    dict that are one tensor (a tied embedding and lm_head): each names the first other key of
+    its group (the first names the second). Reads no values."""
+    groups: dict[tuple[object, ...], list[str]] = {}
+    for key, value in tensors.items():
+        if not key.endswith(WEIGHT_SUFFIX):
+            continue
+        same = _same_weights_key(value)
+        if same is not None:
+            groups.setdefault(same, []).append(key)
+    ties: dict[str, str] = {}
+    for keys in groups.values():
+        if len(keys) > 1:
+            ties[keys[0]] = layer_name(keys[1])
+            ties.update({key: layer_name(keys[0]) for key in keys[1:]})
+    return ties
 
 
 def tensor_reader(tensors: Mapping[str, Any]) -> TensorReader:
@@ -985,6 +1033,7 @@ def module_layer_spec(layer_id: int, module_path: str, module: object) -> LayerS
         M=min(shape[0], shape[1]) if is_matrix else 0,
         rf=math.prod(shape[2:]) if is_matrix else 1,
         skip_reason=skip_reason,
+        kernel_axis=2 if is_matrix and layer_type is LayerType.CONV1D and len(shape) == 3 else None,
     )
 
 
@@ -1000,6 +1049,22 @@ class TorchModuleCheckpoint(Checkpoint):
         self._modules: list[tuple[LayerSpec, Any]] = [
             (module_layer_spec(layer_id, module_path, submodule), submodule)
             for layer_id, (module_path, submodule) in enumerate(module.named_modules())
+        ]
+        # Modules whose `weight` is one tensor (a tied embedding and head) name each other.
+        weights = {
+            spec.name + WEIGHT_SUFFIX: submodule.weight
+            for spec, submodule in self._modules
+            if spec.shape
+        }
+        ties = storage_ties(weights)
+        self._modules = [
+            (
+                dataclasses.replace(spec, tied_to=ties[spec.name + WEIGHT_SUFFIX])
+                if spec.name + WEIGHT_SUFFIX in ties
+                else spec,
+                submodule,
+            )
+            for spec, submodule in self._modules
         ]
         self._close: Callable[[], None] | None = self._modules.clear
 
