@@ -131,9 +131,15 @@ def analyze_layer(
     *,
     conv2d_norm: bool = False,
     options: EngineOptions = DEFAULT_OPTIONS,
+    weightwatcher_conv1d: bool = False,
 ) -> LayerMetrics:
     """The metrics of one layer (``analyze_layer_spectrum`` without the eigenvalues)."""
-    return analyze_layer_spectrum(matrices, conv2d_norm=conv2d_norm, options=options)[0]
+    return analyze_layer_spectrum(
+        matrices,
+        conv2d_norm=conv2d_norm,
+        options=options,
+        weightwatcher_conv1d=weightwatcher_conv1d,
+    )[0]
 
 
 def analyze_layer_spectrum(
@@ -141,6 +147,7 @@ def analyze_layer_spectrum(
     *,
     conv2d_norm: bool = False,
     options: EngineOptions = DEFAULT_OPTIONS,
+    weightwatcher_conv1d: bool = False,
 ) -> tuple[LayerMetrics, NDArray[np.float64] | None]:
     """The metrics of one layer, and the pooled eigenvalues they were computed from (ascending;
     None when none could be computed: non-finite weights, an empty matrix, an overflow).
@@ -157,9 +164,20 @@ def analyze_layer_spectrum(
     shape, or an unavailable backend. Cost: O(rf (N M^2 + M^3)) for the eigenvalues, then the
     fit (see ``fit_power_law``), plus a full SVD for the rank of a near-singular layer (one with
     an eigenvalue within twice ``gram_noise_floor``: singular values below ~sqrt(2 M eps) sv_max).
+
+    `weightwatcher_conv1d`: `matrices` are a Conv1D kernel cut along its first stored axis
+    (``loaders.interface.weightwatcher_conv1d_matrices``), and the layer is measured as
+    weightwatcher 0.7.7 measures it: the kernel's sides are the count c and the sides a, b of
+    each matrix; N = max(c, a, b), M = min(c, a, b), rf = 1, and only the M largest pooled
+    eigenvalues are kept (its `n_comp`; no scaling). The rank is counted from those M.
     """
     arrays, N, M = _layer_matrices(matrices)
     rf = len(arrays)
+    keep = None
+    gram_order = M  # the order of each Gram, whatever sizes the layer is reported with
+    if weightwatcher_conv1d:
+        sides = (rf, M, N)
+        N, M, rf, keep = max(sides), min(sides), 1, min(sides)
     if M == 0:
         return _failed_layer(N=N, M=M, rf=rf, message="empty matrix (a side of length 0)"), None
     for array in arrays:
@@ -176,7 +194,9 @@ def analyze_layer_spectrum(
     if not np.isfinite(values).all():
         message = f"non-finite eigenvalues: the Gram matrix overflowed {options.precision}"
         return _failed_layer(N=N, M=M, rf=rf, message=message), None
-    noise_floor = gram_noise_floor(float(values[-1]), M=M, precision=options.precision)
+    if keep is not None:
+        values = values[values.size - keep :]
+    noise_floor = gram_noise_floor(float(values[-1]), M=gram_order, precision=options.precision)
     threshold = max(options.eigenvalue_threshold, noise_floor)
     above = values[values > threshold]
     if above.size >= 2 and above[-1] - above[0] <= noise_floor:
@@ -189,7 +209,7 @@ def analyze_layer_spectrum(
     # The Gram cannot tell its smallest eigenvalues from zero; weightwatcher's rank can (it
     # counts singular values down to sv_max * N * eps). Near-singular layers only pay an SVD.
     rank = None
-    if values[-1] > 0 and values[0] <= 2 * noise_floor:
+    if keep is None and values[-1] > 0 and values[0] <= 2 * noise_floor:
         rank = svd_matrix_rank(arrays, N=N, backend=options.backend, device=options.device)
     metrics = layer_metrics(
         values,

@@ -9,6 +9,10 @@ from typing import Literal
 
 Backend = Literal["numpy", "torch"]
 Precision = Literal["float64", "float32"]
+Conv1DMode = Literal["pooled", "weightwatcher"]
+"""How a Conv1D kernel becomes a spectrum: "pooled" (wwcli's default: the k slices of
+in x out pooled, M * k eigenvalues) or "weightwatcher" (0.7.7's: the kernel as stored cut along
+its first axis, only the min(k, in, out) largest eigenvalues kept)."""
 
 _DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 
@@ -55,6 +59,11 @@ class EngineOptions:
     """numpy backend, float64: Grams of at least this order get their eigenvalues from torch's
     ``linalg.eigvalsh`` on the CPU (MKL; 1.7-2.5x syevd's speed from 1280 up) instead of
     LAPACK. None (default): never. Needs torch; `analysis` turns it on where it pays off."""
+    conv1d: Conv1DMode = "pooled"
+    """How Conv1D kernels are read (``Conv1DMode``). "weightwatcher" reproduces weightwatcher
+    0.7.7's numbers for them (the analysis layer re-sizes the layer and hands the engine its
+    matrices, see ``analyze_layer_spectrum(weightwatcher_conv1d=True)``); other layers are
+    unaffected."""
 
     def __post_init__(self) -> None:
         _check_int("min_evals", self.min_evals, minimum=0)
@@ -85,3 +94,5 @@ class EngineOptions:
             raise ValueError(f"precision must be 'float64' or 'float32', got {self.precision!r}")
         if self.torch_eigh_min_order is not None:
             _check_int("torch_eigh_min_order", self.torch_eigh_min_order, minimum=1)
+        if self.conv1d not in ("pooled", "weightwatcher"):
+            raise ValueError(f"conv1d must be 'pooled' or 'weightwatcher', got {self.conv1d!r}")
