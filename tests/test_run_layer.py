@@ -167,12 +167,14 @@ def test_the_gate_decides_once_and_names_the_trips() -> None:
     assert isinstance(report, CheckpointReport)
     alphas = [result.metrics.alpha for result in report.layers]
     line = sorted(alphas)[1] + 1e-9  # two layers below it
-    run = RunResult(RunSettings(gate=GatePolicy(fail_below=line)), (report,))
+    run = RunResult(RunSettings(gate=GatePolicy(fail_below=line, gate_min_evals=1)), (report,))
     outcome = evaluate(run)
     assert outcome.code is ExitCode.GATE
     assert len(outcome.trips) == 2
     assert all(trip.checkpoint == str(INPUTS[3]) for trip in outcome.trips)
     assert evaluate(run, GatePolicy(fail_below=line, exit_zero=True)).code is ExitCode.OK
+    small = evaluate(run, GatePolicy(fail_below=line))  # the default gate skips small layers
+    assert all(not j.gated for j in small.judged if j.layer_id != 3)
     failed = dataclasses.replace(run, failures=(InputFailure("x", "x: bad"),))
     assert evaluate(failed).code is ExitCode.ERROR
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
+import re
 import signal
 import stat
 import sys
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
+    from wwcli.gate import Baseline, GateOutcome, GatePolicy
     from wwcli.loaders import LayerSpec
     from wwcli.report.interface import Formatter
     from wwcli.results import CheckpointReport, RunResult
@@ -44,11 +47,91 @@ EXIT_CODES_HELP = (
 )
 
 
+CONFIG_FILES = ("wwcli.toml", "pyproject.toml")
+"""Where project settings live, in the order looked for in each folder from the current one up:
+a wwcli.toml (its top level, or its [tool.wwcli] table), or a pyproject.toml's [tool.wwcli]."""
+
+
+def _config_table(path: Path) -> dict[str, object] | None:
+    """The settings table of a config file, or None when it has none."""
+    import tomllib
+
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise typer.BadParameter(f"{path}: cannot read it as TOML: {error}") from error
+    table = (
+        document.get("tool", {}).get("wwcli") if isinstance(document.get("tool"), dict) else None
+    )
+    if table is None and path.name != "pyproject.toml":
+        table = document
+    return table if isinstance(table, dict) else None
+
+
+def find_config(start: Path) -> tuple[Path, dict[str, object]] | None:
+    """The nearest config file with wwcli settings, from `start` up to the root."""
+    for folder in (start, *start.parents):
+        for name in CONFIG_FILES:
+            candidate = folder / name
+            if candidate.is_file():
+                table = _config_table(candidate)
+                if table is not None:
+                    return candidate, table
+    return None
+
+
+def _config_source(args: Sequence[str]) -> tuple[Path, dict[str, object]] | None:
+    """The config a command line asks for: --isolated none, --config FILE that file, otherwise
+    the nearest one (read before the options are parsed: its values become their defaults)."""
+    arguments = list(args)[: list(args).index("--")] if "--" in args else list(args)
+    if "--isolated" in arguments:
+        return None
+    for index, argument in enumerate(arguments):
+        if argument.startswith("--config="):
+            path = Path(argument.split("=", 1)[1])
+        elif argument == "--config" and index + 1 < len(arguments):
+            path = Path(arguments[index + 1])
+        else:
+            continue
+        if not path.is_file():
+            raise typer.BadParameter(f"--config {path}: no such file")
+        return path, _config_table(path) or {}
+    return find_config(Path.cwd())
+
+
 class _Command(typer.core.TyperCommand):
     """A command whose --help groups its options in panels (input, selection, engine, gate,
     output) and names no Python types: an argument shows its metavar alone, not Typer's
     <list[Path]>. Plain text, so that --help needs neither rich's help renderer nor markdown
-    (a third of the start-up time)."""
+    (a third of the start-up time).
+
+    Its options' defaults come from the project's config ([tool.wwcli] in the nearest
+    pyproject.toml, or wwcli.toml) through Click's default_map: flags on the command line win;
+    --config FILE and --isolated choose another file or none, as in ruff."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any
+    ) -> Any:
+        found = _config_source(args)
+        if found is not None:
+            path, table = found
+            names = {param.name for param in self.params if param.name}
+            group = getattr(parent, "command", None)
+            everywhere = set(names)
+            for command in getattr(group, "commands", {}).values():
+                everywhere |= {param.name for param in command.params if param.name}
+            defaults: dict[str, object] = {}
+            for key, value in table.items():
+                name = key.replace("-", "_")
+                if name in names and name not in ("paths", "config", "isolated"):
+                    defaults[name] = value
+                elif name not in everywhere:
+                    raise typer.BadParameter(
+                        f"{path}: unknown setting {key!r} (settings are option names, such as "
+                        "fail-below or gate-min-evals)"
+                    )
+            extra.setdefault("default_map", defaults)
+        return super().make_context(info_name, args, parent=parent, **extra)
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
         sections: dict[str, list[tuple[str, str]]] = {}
@@ -162,6 +245,22 @@ TrustPickleOption = Annotated[
         "Loading such a file can run code from it: only for files you trust.",
         rich_help_panel=INPUT,
     ),
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        help="Read option defaults from this TOML file (its [tool.wwcli] table, or its top "
+        "level) instead of the nearest pyproject.toml [tool.wwcli] or wwcli.toml. Flags win.",
+        show_default=False,
+        dir_okay=False,
+        rich_help_panel=INPUT,
+    ),
+]
+IsolatedOption = Annotated[
+    bool,
+    typer.Option("--isolated", help="Ignore every config file.", rich_help_panel=INPUT),
 ]
 LayersOption = Annotated[
     str | None,
@@ -430,9 +529,11 @@ def settings_from_cli(
     fail_on_failed_fit: bool = False,
     exit_zero: bool = False,
     keep_spectra: bool = False,
+    gate: GatePolicy | None = None,
 ) -> RunSettings:
-    """The command line's options as one RunSettings; UsageError for values that do not fit
-    together (the message names the options)."""
+    """The command line's options as one RunSettings (`gate`, when given, replaces the four
+    simple gate options); UsageError for values that do not fit together (the message names
+    the options)."""
     from wwcli.engine.options import EngineOptions
     from wwcli.gate import GatePolicy
     from wwcli.settings import RunSettings
@@ -447,15 +548,16 @@ def settings_from_cli(
         )
     except ValueError as error:
         raise UsageError(_option_words(str(error))) from error
-    try:
-        gate = GatePolicy(
-            fail_below=fail_below if fail_below >= 0 else None,
-            fail_above=fail_above,
-            fail_on_failed_fit=fail_on_failed_fit,
-            exit_zero=exit_zero,
-        )
-    except ValueError as error:
-        raise UsageError(_option_words(str(error))) from error
+    if gate is None:
+        try:
+            gate = GatePolicy(
+                fail_below=fail_below if fail_below >= 0 else None,
+                fail_above=fail_above,
+                fail_on_failed_fit=fail_on_failed_fit,
+                exit_zero=exit_zero,
+            )
+        except ValueError as error:
+            raise UsageError(_option_words(str(error))) from error
     return RunSettings(
         engine=engine,
         layers=layers,
@@ -467,9 +569,112 @@ def settings_from_cli(
 
 def _option_words(message: str) -> str:
     """An engine or gate message with field names replaced by the options that set them."""
-    for name in ("min_evals", "max_evals", "fail_below", "fail_above"):
-        message = message.replace(name, "--" + name.replace("_", "-"))
+    for name in (
+        "gate_min_evals",
+        "min_evals",
+        "max_evals",
+        "fail_below",
+        "fail_above",
+        "max_over_trained",
+        "max_drop",
+    ):
+        message = re.sub(rf"(?<![-\w]){name}\b", "--" + name.replace("_", "-"), message)
     return message
+
+
+def parse_fail_below(text: str) -> tuple[float | None, tuple[tuple[str, float], ...]]:
+    """--fail-below's value: "2", or per-type lines "dense=2,conv2d=1.8" (with an optional plain
+    number for every other type: "2,conv2d=1.8"). A negative line turns that check off."""
+    from wwcli.gate import GATED_TYPES
+
+    default: float | None = 2.0
+    by_type: list[tuple[str, float]] = []
+    for token in (part.strip() for part in text.split(",")):
+        kind, _, value = token.rpartition("=")
+        try:
+            line = float(value)
+        except ValueError:
+            raise UsageError(f"--fail-below {text}: {value!r} is not a number") from None
+        if not math.isfinite(line):
+            raise UsageError(f"--fail-below {text}: {value} is not a finite number")
+        if not kind:
+            default = line if line >= 0 else None
+            continue
+        known = sorted(GATED_TYPES | {"embedding"})
+        if kind.strip() not in known:
+            raise UsageError(
+                f"--fail-below {text}: unknown layer type {kind!r} (one of {', '.join(known)})"
+            )
+        if line >= 0:
+            by_type.append((kind.strip(), line))
+    return default, tuple(by_type)
+
+
+def _load_baseline(path: Path) -> Baseline:
+    """A previous wwcli JSON report as a Baseline (alpha per layer name, per checkpoint)."""
+    import json
+
+    from wwcli.gate import Baseline
+
+    try:
+        document = json.loads(path.expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UsageError(f"--baseline {path}: cannot read it as JSON: {error}") from error
+    objects = document.get("checkpoints", [document]) if isinstance(document, dict) else None
+    alphas: dict[str, dict[str, float | None]] = {}
+    for item in objects or []:
+        layers = item.get("layers") if isinstance(item, dict) else None
+        if not isinstance(layers, list) or not isinstance(item.get("checkpoint"), str):
+            objects = None
+            break
+        table = alphas.setdefault(item["checkpoint"], {})
+        for layer in layers:
+            if isinstance(layer, dict) and isinstance(layer.get("name"), str):
+                alpha = layer.get("alpha")
+                table[layer["name"]] = float(alpha) if isinstance(alpha, int | float) else None
+    if not objects:
+        raise UsageError(f"--baseline {path}: not a wwcli analyze JSON report (--json FILE)")
+    return Baseline(str(path), alphas)
+
+
+def gate_from_cli(
+    *,
+    fail_below: str = "2",
+    fail_above: float | None = None,
+    fail_on_failed_fit: bool = False,
+    exit_zero: bool = False,
+    gate_min_evals: int | None = None,
+    gate_ignore: Sequence[str] = (),
+    max_over_trained: int = 0,
+    allow_empty: bool = False,
+    baseline: Path | None = None,
+    max_drop: float | None = None,
+) -> GatePolicy:
+    """The gate options as one GatePolicy; UsageError naming the option for bad values."""
+    from wwcli.gate import GATE_MIN_EVALS, GatePolicy
+
+    line, by_type = parse_fail_below(fail_below)
+    for option, value in (("--fail-above", fail_above), ("--max-drop", max_drop)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{option} {value}: not a finite number")
+    if max_drop is not None and baseline is None:
+        raise UsageError("--max-drop needs --baseline FILE")
+    try:
+        return GatePolicy(
+            fail_below=line,
+            fail_above=fail_above,
+            fail_on_failed_fit=fail_on_failed_fit,
+            exit_zero=exit_zero,
+            fail_below_by_type=by_type,
+            gate_min_evals=GATE_MIN_EVALS if gate_min_evals is None else gate_min_evals,
+            gate_ignore=tuple(gate_ignore),
+            max_over_trained=max_over_trained,
+            allow_empty=allow_empty,
+            baseline=_load_baseline(baseline) if baseline is not None else None,
+            max_drop=max_drop,
+        )
+    except ValueError as error:
+        raise UsageError(_option_words(str(error))) from error
 
 
 def _check_device(settings: RunSettings) -> None:
@@ -711,6 +916,8 @@ def emit(
     stdout_format: Formatter | None,
     targets: Sequence[ReportFile],
     pictures: Pictures | None = None,
+    *,
+    explain_gate: bool = False,
 ) -> ExitCode:
     """Write what the run asked for: the rest of stdout, the report files and pictures (only
     when every input was read; pictures after the numbers, which they never change), the gate's
@@ -729,13 +936,52 @@ def emit(
         _write_atomically(target.path, _file_content(run, result, target, jobs))
     if pictures is not None:
         _write_pictures(run, result, pictures)
+    _say_gate(run, outcome, explain=explain_gate)
+    if outcome.empty and outcome.code is ExitCode.ERROR:
+        run.error(
+            f"the gate judged no layer: {outcome.empty}; it would pass by accident "
+            "(see --explain-gate; --gate-min-evals, --layers, or --allow-empty)"
+        )
+    return outcome.code
+
+
+def _say_gate(run: _Run, outcome: GateOutcome, *, explain: bool) -> None:
+    """The gate's lines on stderr: its trips always; why layers were not gated (grouped), its
+    notes, and with --explain-gate the rule applied to every layer."""
     for trip in outcome.trips:
         run.stderr.print(
             printable(f"gate: {trip.checkpoint}: layer {trip.layer_id} {trip.name}: {trip.reason}"),
             markup=False,
             highlight=False,
         )
-    return outcome.code
+    for note in outcome.notes:
+        run.info(f"note: {note}")
+    if explain:
+        for judgement in outcome.judged:
+            what = (
+                f"gated by {judgement.policy}"
+                + (f": tripped, {judgement.reason}" if judgement.tripped else ": passed")
+                if judgement.gated
+                else f"not gated: {judgement.why_not}"
+            )
+            run.stderr.print(
+                printable(
+                    f"gate: {judgement.checkpoint}: layer {judgement.layer_id} "
+                    f"{judgement.name}: {what}"
+                ),
+                markup=False,
+                highlight=False,
+            )
+        return
+    by_checkpoint: dict[str, list[str]] = {}
+    for judgement in outcome.judged:
+        if not judgement.gated:
+            by_checkpoint.setdefault(judgement.checkpoint, []).append(
+                f"{judgement.layer_id} {judgement.name} ({judgement.why_not})"
+            )
+    for checkpoint, layers in by_checkpoint.items():
+        shown = ", ".join(layers[:6]) + (f", ... (+{len(layers) - 6})" if len(layers) > 6 else "")
+        run.info(f"note: {checkpoint}: not gated: {shown}")
 
 
 # --- Commands ----------------------------------------------------------------------------------
@@ -745,6 +991,8 @@ def emit(
 def describe(
     paths: PathsArgument,
     trust_pickle: TrustPickleOption = False,
+    config: ConfigOption = None,
+    isolated: IsolatedOption = False,
     layers: LayersOption = None,
     min_evals: MinEvalsOption = 8,
     max_evals: MaxEvalsOption = 15000,
@@ -782,6 +1030,8 @@ def describe(
 def analyze(
     paths: PathsArgument,
     trust_pickle: TrustPickleOption = False,
+    config: ConfigOption = None,
+    isolated: IsolatedOption = False,
     layers: LayersOption = None,
     min_evals: MinEvalsOption = 8,
     max_evals: MaxEvalsOption = 15000,
@@ -804,20 +1054,21 @@ def analyze(
     ] = Precision.float64,
     jobs: JobsOption = None,
     fail_below: Annotated[
-        float,
+        str,
         typer.Option(
             "--fail-below",
-            metavar="ALPHA",
-            help="Exit 1 when a layer's alpha is below this. A negative value turns the check off.",
+            metavar="ALPHA|TYPE=ALPHA,...",
+            help="Exit 1 when a gated layer's alpha is below this; per layer type with "
+            "dense=2,conv2d=1.8 (a plain number for the other types). Negative: off.",
             rich_help_panel=GATE,
         ),
-    ] = 2.0,
+    ] = "2",
     fail_above: Annotated[
         float | None,
         typer.Option(
             "--fail-above",
             metavar="ALPHA",
-            help="Exit 1 when a layer's alpha is above this (6 marks under-trained). "
+            help="Exit 1 when a gated layer's alpha is above this (6 marks under-trained). "
             "Off by default.",
             show_default=False,
             rich_help_panel=GATE,
@@ -827,7 +1078,78 @@ def analyze(
         bool,
         typer.Option(
             "--fail-on-failed-fit",
-            help="Exit 1 when a power-law fit failed.",
+            help="Exit 1 when a gated layer's power-law fit failed.",
+            rich_help_panel=GATE,
+        ),
+    ] = False,
+    gate_min_evals: Annotated[
+        int,
+        typer.Option(
+            "--gate-min-evals",
+            min=0,
+            metavar="N",
+            help="Gate only layers with at least N eigenvalues (smaller ones are analyzed and "
+            "shown, not gated): below 64, pure noise gets alpha < 2 in 1-58 % of draws.",
+            rich_help_panel=GATE,
+        ),
+    ] = 64,
+    gate_ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gate-ignore",
+            metavar="GLOB",
+            help="Layer names the gate does not judge (kept in the report); repeatable.",
+            show_default=False,
+            rich_help_panel=GATE,
+        ),
+    ] = None,
+    max_over_trained: Annotated[
+        int,
+        typer.Option(
+            "--max-over-trained",
+            min=0,
+            metavar="N",
+            help="Exit 1 only when more than N gated layers trip.",
+            rich_help_panel=GATE,
+        ),
+    ] = 0,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline",
+            metavar="FILE",
+            help="A previous JSON report (--json or --write-baseline): fail only on layers "
+            "newly over the line since (matched by name).",
+            show_default=False,
+            dir_okay=False,
+            rich_help_panel=GATE,
+        ),
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(
+            "--max-drop",
+            metavar="DELTA",
+            help="With --baseline: also fail on a layer whose alpha fell by more than DELTA.",
+            show_default=False,
+            rich_help_panel=GATE,
+        ),
+    ] = None,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="Pass when the gate judged no layer (otherwise that is exit 2: a selection "
+            "that caught nothing gateable must not pass by accident).",
+            rich_help_panel=GATE,
+        ),
+    ] = False,
+    explain_gate: Annotated[
+        bool,
+        typer.Option(
+            "--explain-gate",
+            help="Say on stderr which rule the gate applied to which layer, and why the others "
+            "were not gated.",
             rich_help_panel=GATE,
         ),
     ] = False,
@@ -839,6 +1161,17 @@ def analyze(
             rich_help_panel=GATE,
         ),
     ] = False,
+    write_baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--write-baseline",
+            metavar="FILE",
+            help="Also write this run's JSON report as a baseline for --baseline.",
+            show_default=False,
+            dir_okay=False,
+            rich_help_panel=GATE,
+        ),
+    ] = None,
     output_format: FormatOption = OutputFormat.table,
     csv_file: Annotated[
         Path | None,
@@ -883,6 +1216,18 @@ def analyze(
     """
     run = _Run(debug=debug, quiet=quiet)
     with _guard(run):
+        gate = gate_from_cli(
+            fail_below=fail_below,
+            fail_above=fail_above,
+            fail_on_failed_fit=fail_on_failed_fit,
+            exit_zero=exit_zero,
+            gate_min_evals=gate_min_evals,
+            gate_ignore=gate_ignore or (),
+            max_over_trained=max_over_trained,
+            allow_empty=allow_empty,
+            baseline=baseline,
+            max_drop=max_drop,
+        )
         settings = settings_from_cli(
             layers=layers,
             min_evals=min_evals,
@@ -890,11 +1235,8 @@ def analyze(
             trust_pickle=trust_pickle,
             device=device,
             precision=precision,
-            fail_below=fail_below,
-            fail_above=fail_above,
-            fail_on_failed_fit=fail_on_failed_fit,
-            exit_zero=exit_zero,
             keep_spectra=plot is not None or html_file is not None or spectra_file is not None,
+            gate=gate,
         )
         _check_device(settings)
         targets = [
@@ -904,6 +1246,7 @@ def analyze(
                 (json_file, "--json", "json"),
                 (html_file, "--html", "html"),
                 (spectra_file, "--spectra", "npz"),
+                (write_baseline, "--write-baseline", "json"),
             )
             if path is not None
         ]
@@ -915,6 +1258,7 @@ def analyze(
             stdout_format=_formatter(output_format),
             targets=targets,
             pictures=Pictures(plot, plot_format.value),
+            explain_gate=explain_gate,
         )
     raise typer.Exit(code)
 
@@ -928,6 +1272,7 @@ def _analyze_and_emit(
     stdout_format: Formatter | None,
     targets: Sequence[ReportFile],
     pictures: Pictures,
+    explain_gate: bool = False,
 ) -> ExitCode:
     """analyze's and report's shared path: check every output before reading anything, run,
     emit."""
@@ -941,7 +1286,7 @@ def _analyze_and_emit(
     result = _run_analysis(
         run, paths, settings, jobs=jobs, stdout_format=stdout_format, targets=targets
     )
-    return emit(run, result, stdout_format, targets, pictures)
+    return emit(run, result, stdout_format, targets, pictures, explain_gate=explain_gate)
 
 
 @app.command(cls=_Command)
@@ -959,6 +1304,8 @@ def report(
         ),
     ],
     trust_pickle: TrustPickleOption = False,
+    config: ConfigOption = None,
+    isolated: IsolatedOption = False,
     layers: LayersOption = None,
     min_evals: MinEvalsOption = 8,
     max_evals: MaxEvalsOption = 15000,

@@ -58,8 +58,25 @@ class RunSettings:
             value = getattr(self, setting.name)
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 for inner in dataclasses.fields(value):
-                    values[inner.name] = getattr(value, inner.name)
+                    values[inner.name] = _json_value(inner.name, getattr(value, inner.name))
             else:
-                values[setting.name] = value
+                values[setting.name] = _json_value(setting.name, value)
         first = {key: values.pop(key) for key in _FIRST_KEYS}
         return {**first, **values}
+
+
+_TABLES = ("fail_below_by_type",)
+"""Settings held as tuples of (key, value) pairs, shown as JSON objects."""
+
+
+def _json_value(name: str, value: Any) -> Any:
+    """A setting as JSON: tuples as lists, a per-type table as an object, a baseline as the
+    file it was read from."""
+    source = getattr(value, "source", None)
+    if dataclasses.is_dataclass(value) and isinstance(source, str):
+        return source
+    if name in _TABLES:
+        return {str(key): item for key, item in value}
+    if isinstance(value, tuple):
+        return list(value)
+    return value

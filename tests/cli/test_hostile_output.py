@@ -77,7 +77,9 @@ def test_hostile_names_neither_crash_the_table_nor_reach_the_terminal(
 
 def test_gate_lines_show_hostile_names_escaped_on_one_line(tmp_path: Path) -> None:
     path = _hostile_file(tmp_path)
-    result = runner.invoke(app, ["analyze", str(path), "--format", "json", "--fail-below", "100"])
+    result = runner.invoke(
+        app, ["analyze", str(path), "-f", "json", "--fail-below", "100", "--gate-min-evals", "1"]
+    )
     assert result.exit_code == 1
     gate_lines = [line for line in result.stderr.splitlines() if line.startswith("gate:")]
     assert len(gate_lines) == len(HOSTILE_NAMES), result.stderr
