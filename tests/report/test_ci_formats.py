@@ -25,7 +25,6 @@ from wwcli.report.ci import (
     JunitFormatter,
     MarkdownFormatter,
     SarifFormatter,
-    _derived_judgements,
     _judgements,
     artifact_uri,
 )
@@ -165,7 +164,7 @@ def test_github_annotates_an_unreadable_input(heavy: RunResult) -> None:
 
 def test_junit_counts_gated_layers_and_trips(both: RunResult) -> None:
     outcome = evaluate(both)
-    judged = _judgements(both, outcome)
+    judged = _judgements(outcome)
     root = ET.fromstring(JunitFormatter().render(both).encode("utf-8"))
     assert root.tag == "testsuites"
     suites = root.findall("testsuite")
@@ -327,10 +326,32 @@ def test_markdown_hostile_names_add_no_column_and_no_html() -> None:
 def test_the_judgements_agree_with_the_gates_trips(both: RunResult) -> None:
     outcome = evaluate(both)
     trips = {(t.checkpoint, t.layer_id) for t in outcome.trips}
-    for judged in (_judgements(both, outcome), _derived_judgements(both, outcome)):
-        assert len(judged) == 7
-        assert {(j.checkpoint, j.layer_id) for j in judged if j.tripped} == trips
-        assert all(j.policy.startswith("alpha < 2") for j in judged if j.gated)
+    judged = _judgements(outcome)
+    assert len(judged) == 7
+    assert {(j.checkpoint, j.layer_id) for j in judged if j.tripped} == trips
+    assert all(j.policy.startswith("alpha < 2") for j in judged if j.gated)
+
+
+def test_tolerated_trips_are_warnings_not_errors() -> None:
+    run = _analyzed(HEAVY, settings=RunSettings(gate=GatePolicy(max_over_trained=1)))
+    assert evaluate(run).code == 0
+    lines = GithubFormatter().render(run).splitlines()
+    assert lines[0].startswith(f"::warning file={HEAVY},title=wwcli%3A layer 1 dense_1 ")
+    assert not any(line.startswith("::error") for line in lines)
+    (sarif_run,) = _validate(SarifFormatter().render(run))["runs"]
+    assert [r["level"] for r in sarif_run["results"]] == ["warning"]
+    assert "## wwcli: gate passed" in MarkdownFormatter().render(run)
+
+
+def test_a_run_with_no_gated_layer_says_so() -> None:
+    run = _analyzed(HEAVY, settings=RunSettings(gate=GatePolicy(gated_types=("conv2d",))))
+    outcome = evaluate(run)
+    assert outcome.empty and outcome.code == 2
+    text = GithubFormatter().render(run)
+    assert "::error title=wwcli::the gate judged no layer: none of the 3 analyzed" in text
+    assert "## wwcli: gate error (the gate judged no layer" in MarkdownFormatter().render(run)
+    junit = ET.fromstring(JunitFormatter().render(run))
+    assert junit.get("skipped") == junit.get("tests") == "3"
 
 
 # --- describe, one report -----------------------------------------------------------------------

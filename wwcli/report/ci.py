@@ -10,7 +10,6 @@ table column, or make a document invalid.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -25,7 +24,7 @@ from urllib.parse import quote
 from wwcli import __version__
 from wwcli.engine.results import FitStatus, Verdict
 from wwcli.exit_codes import ExitCode
-from wwcli.gate import GateOutcome, evaluate
+from wwcli.gate import GateOutcome, Judgement, evaluate
 from wwcli.report.escape import printable
 from wwcli.results import CheckpointListing, CheckpointReport, LayerResult, RunResult
 
@@ -35,75 +34,10 @@ __all__ = ["GithubFormatter", "JunitFormatter", "MarkdownFormatter", "SarifForma
 # --- What the gate made of each layer -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Judgement:
-    """What the gate made of one analyzed layer (the fields of gate.Judgement)."""
-
-    checkpoint: str
-    """The checkpoint's path as the user gave it."""
-    layer_id: int
-    """The layer's id."""
-    name: str
-    """The layer's full name in the file."""
-    layer_type: str
-    """The layer's type ("dense", ...)."""
-    gated: bool
-    """Whether the gate judged it."""
-    why_not: str
-    """Why it was not gated ("" when it was)."""
-    tripped: bool
-    """Whether it is over the line (under --exit-zero it still fails nothing)."""
-    reason: str
-    """Why it tripped ("" when it did not)."""
-    policy: str
-    """The rule applied to it, in one line ("" when not gated)."""
-
-
-_JUDGEMENT_FIELDS = tuple(field.name for field in dataclasses.fields(_Judgement))
-
-
-def _judgements(run: RunResult, outcome: GateOutcome) -> tuple[_Judgement, ...]:
-    """One judgement per analyzed layer, in input and id order: the gate's own
-    (`GateOutcome.judged`) when it has them, else derived from its trips. The one place that
-    knows which, so the formatters never do."""
-    judged = getattr(outcome, "judged", None)
-    if judged is not None:
-        return tuple(
-            _Judgement(**{name: getattr(judgement, name) for name in _JUDGEMENT_FIELDS})
-            for judgement in judged
-        )
-    return _derived_judgements(run, outcome)
-
-
-def _derived_judgements(run: RunResult, outcome: GateOutcome) -> tuple[_Judgement, ...]:
-    """Judgements for a gate that judges every analyzed layer with one rule and reports only
-    its trips."""
-    policy = run.settings.gate
-    checks = []
-    if policy.fail_below is not None:
-        checks.append(f"alpha < {policy.fail_below:g}")
-    if policy.fail_above is not None:
-        checks.append(f"alpha > {policy.fail_above:g}")
-    if policy.fail_on_failed_fit:
-        checks.append("failed fit")
-    rule = " or ".join(checks)
-    why_not = "--exit-zero" if policy.exit_zero else "" if rule else "no gate check is on"
-    reasons = {(trip.checkpoint, trip.layer_id): trip.reason for trip in outcome.trips}
-    return tuple(
-        _Judgement(
-            checkpoint=report.checkpoint,
-            layer_id=result.spec.layer_id,
-            name=result.spec.name,
-            layer_type=result.spec.layer_type.value,
-            gated=not why_not,
-            why_not=why_not,
-            tripped=(report.checkpoint, result.spec.layer_id) in reasons,
-            reason=reasons.get((report.checkpoint, result.spec.layer_id), ""),
-            policy="" if why_not else f"{rule} ({result.spec.layer_type.value})",
-        )
-        for report in run.reports
-        for result in report.layers
-    )
+def _judgements(outcome: GateOutcome) -> tuple[Judgement, ...]:
+    """One judgement per analyzed layer, in input and id order: the gate's own, so that what a
+    CI page shows is what decided the exit code."""
+    return outcome.judged
 
 
 @dataclass(frozen=True)
@@ -112,7 +46,7 @@ class _Row:
 
     result: LayerResult
     """The layer and its numbers."""
-    judgement: _Judgement
+    judgement: Judgement
     """What the gate made of it."""
     failing: bool
     """Whether it is one of the outcome's trips (what fails the job, unless the policy
@@ -142,14 +76,14 @@ class _Judged:
 
 def _judge(run: RunResult) -> _Judged:
     outcome = evaluate(run)
-    by_layer = {(j.checkpoint, j.layer_id): j for j in _judgements(run, outcome)}
+    by_layer = {(j.checkpoint, j.layer_id): j for j in _judgements(outcome)}
     trips = {(trip.checkpoint, trip.layer_id) for trip in outcome.trips}
     checkpoints = []
     for report in run.reports:
         rows = []
         for result in report.layers:
             key = (report.checkpoint, result.spec.layer_id)
-            judgement = by_layer.get(key) or _Judgement(
+            judgement = by_layer.get(key) or Judgement(
                 report.checkpoint,
                 result.spec.layer_id,
                 result.spec.name,
@@ -319,10 +253,10 @@ class GithubFormatter:
                 lines.append(
                     _command(level, _trip_message(row), file=row.judgement.checkpoint, title=title)
                 )
-        empty = getattr(judged.outcome, "empty", "")
+        empty = judged.outcome.empty
         if empty:
             lines.append(_command("error", f"the gate judged no layer: {empty}", title="wwcli"))
-        for note in getattr(judged.outcome, "notes", ()):
+        for note in judged.outcome.notes:
             lines.append(_command("notice", note, title="wwcli"))
         if not judged.outcome.trips and not run.failures:
             lines.append(_command("notice", _run_summary(judged, len(run.failures)), title="wwcli"))
@@ -499,7 +433,7 @@ class MarkdownFormatter:
         outcome = judged.outcome
         if run.failures:
             verdict = "error (an input could not be read)"
-        elif getattr(outcome, "empty", "") and outcome.code is not ExitCode.OK:
+        elif outcome.empty and outcome.code is not ExitCode.OK:
             verdict = f"error (the gate judged no layer: {outcome.empty})"
         elif outcome.trips and outcome.code is ExitCode.GATE:
             verdict = "failed"
@@ -511,7 +445,7 @@ class MarkdownFormatter:
             _md(_run_summary(judged, len(run.failures))) + ".",
             "",
         ]
-        for note in getattr(outcome, "notes", ()):
+        for note in outcome.notes:
             lines += [f"> {_md(note)}", ""]
         for failure in run.failures:
             lines += [
