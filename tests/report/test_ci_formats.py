@@ -408,6 +408,7 @@ def test_pre_commit_hook_is_well_formed() -> None:
     for name in (
         "m.keras",
         "a/b.h5",
+        "c.hdf5",
         "x.pt",
         "x.pth",
         "pytorch_model.bin",
