@@ -239,3 +239,25 @@ def test_per_type_lines_tolerated_trips_ignores_and_the_explanation(tmp_path: Pa
     lines = explained.stderr.splitlines()
     assert any("first: not gated: ignored by gate_ignore first" in line for line in lines)
     assert any("second: gated by alpha < 2 (dense): tripped" in line for line in lines)
+
+
+def test_github_annotations_name_the_planted_layer_and_come_by_themselves_in_actions(
+    tmp_path: Path,
+) -> None:
+    planted = bert_folder(tmp_path / "planted", planted=True)
+    summary = tmp_path / "summary.md"
+    result = runner.invoke(
+        app, ["analyze", str(planted), "--format", "github", "--summary", str(summary)]
+    )
+    assert result.exit_code == 1
+    annotations = [line for line in result.stdout.splitlines() if line.startswith("::error")]
+    assert len(annotations) == 1, result.stdout
+    assert annotations[0].startswith(f"::error file={planted},title=")
+    assert "attention.output.dense" in annotations[0]
+    assert "| id | name |" in summary.read_text(encoding="utf-8")
+    automatic = runner.invoke(app, ["analyze", str(planted)], env={"GITHUB_ACTIONS": "true"})
+    assert automatic.stdout.splitlines() == result.stdout.splitlines()
+    chosen = runner.invoke(
+        app, ["analyze", str(planted), "-f", "csv"], env={"GITHUB_ACTIONS": "true"}
+    )
+    assert chosen.stdout.startswith("checkpoint,")

@@ -175,6 +175,10 @@ class OutputFormat(enum.StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
+    github = "github"
+    junit = "junit"
+    markdown = "markdown"
+    sarif = "sarif"
 
 
 class Device(enum.StrEnum):
@@ -1028,6 +1032,7 @@ def describe(
 
 @app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def analyze(
+    ctx: typer.Context,
     paths: PathsArgument,
     trust_pickle: TrustPickleOption = False,
     config: ConfigOption = None,
@@ -1161,6 +1166,17 @@ def analyze(
             rich_help_panel=GATE,
         ),
     ] = False,
+    summary_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--summary",
+            metavar="FILE",
+            help='Also write a Markdown job summary (e.g. "$GITHUB_STEP_SUMMARY").',
+            show_default=False,
+            dir_okay=False,
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
     write_baseline: Annotated[
         Path | None,
         typer.Option(
@@ -1247,6 +1263,7 @@ def analyze(
                 (html_file, "--html", "html"),
                 (spectra_file, "--spectra", "npz"),
                 (write_baseline, "--write-baseline", "json"),
+                (summary_file, "--summary", "markdown"),
             )
             if path is not None
         ]
@@ -1255,12 +1272,21 @@ def analyze(
             paths,
             settings,
             jobs=jobs,
-            stdout_format=_formatter(output_format),
+            stdout_format=_formatter(_default_format(ctx, output_format)),
             targets=targets,
             pictures=Pictures(plot, plot_format.value),
             explain_gate=explain_gate,
         )
     raise typer.Exit(code)
+
+
+def _default_format(ctx: typer.Context, chosen: OutputFormat) -> OutputFormat:
+    """--format as given; in a GitHub Actions job (GITHUB_ACTIONS=true) with no --format given
+    (nor one from the config), annotations, as ruff does."""
+    source = ctx.get_parameter_source("output_format")
+    if getattr(source, "name", "") == "DEFAULT" and os.environ.get("GITHUB_ACTIONS") == "true":
+        return OutputFormat.github
+    return chosen
 
 
 def _analyze_and_emit(

@@ -131,11 +131,18 @@ class JsonFormatter:
 
 
 def formatter_for(name: str, *, width: int = 100_000, color: bool = False) -> Formatter:
-    """The formatter of an output format ("table", "csv", "json")."""
+    """The formatter of an output format ("table", "csv", "json", and for CI "github",
+    "junit", "markdown", "sarif")."""
+    from wwcli.report.ci import GithubFormatter, JunitFormatter, MarkdownFormatter, SarifFormatter
+
     formatters: dict[str, Formatter] = {
         "table": TableFormatter(width, color),
         "csv": CsvFormatter(),
         "json": JsonFormatter(),
+        "github": GithubFormatter(),
+        "junit": JunitFormatter(),
+        "markdown": MarkdownFormatter(),
+        "sarif": SarifFormatter(),
     }
     try:
         return formatters[name]
