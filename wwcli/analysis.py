@@ -29,7 +29,15 @@ from wwcli.engine import (
     check_backend,
     check_size,
 )
-from wwcli.loaders.interface import Checkpoint, LayerSpec, LayerType, LoaderError
+from wwcli.loaders.interface import (
+    Checkpoint,
+    LayerSpec,
+    LayerType,
+    LoaderError,
+    weightwatcher_conv1d,
+    weightwatcher_conv1d_matrices,
+    weightwatcher_conv1d_spec,
+)
 from wwcli.results import (
     CheckpointListing,
     CheckpointReport,
@@ -61,13 +69,32 @@ def _layer_result(spec: LayerSpec, outcome: LayerOutcome, keep_spectrum: bool) -
     return LayerResult(spec, metrics, spectrum)
 
 
+def sized(spec: LayerSpec, options: EngineOptions) -> LayerSpec:
+    """The layer as the engine will measure it: as listed, or, under --conv1d weightwatcher, a
+    Conv1D kernel sized as weightwatcher 0.7.7 sizes it (N, M = its largest and smallest side,
+    rf 1)."""
+    return weightwatcher_conv1d_spec(spec) if options.conv1d == "weightwatcher" else spec
+
+
+def _engine_input(
+    checkpoint: Checkpoint, spec: LayerSpec, options: EngineOptions
+) -> tuple[list[Any], dict[str, bool]]:
+    """The layer's matrices as the engine takes them, and the engine's per-layer flags. The
+    matrices are read for the spec as listed (readers check shapes against it)."""
+    matrices = checkpoint.matrices(spec)
+    weightwatcher = options.conv1d == "weightwatcher" and weightwatcher_conv1d(spec)
+    if weightwatcher:
+        matrices = weightwatcher_conv1d_matrices(spec, matrices)
+    return matrices, {"conv2d_norm": _is_conv2d(spec), "weightwatcher_conv1d": weightwatcher}
+
+
 def analyze_one(
     checkpoint: Checkpoint, spec: LayerSpec, options: EngineOptions, *, keep_spectrum: bool = False
 ) -> LayerResult:
     """Read one analyzable layer's matrices and run the engine on them."""
-    matrices = checkpoint.matrices(spec)
-    outcome = analyze_layer_spectrum(matrices, conv2d_norm=_is_conv2d(spec), options=options)
-    return _layer_result(spec, outcome, keep_spectrum)
+    matrices, flags = _engine_input(checkpoint, spec, options)
+    outcome = analyze_layer_spectrum(matrices, options=options, **flags)
+    return _layer_result(sized(spec, options), outcome, keep_spectrum)
 
 
 def _is_conv2d(spec: LayerSpec) -> bool:
@@ -79,7 +106,8 @@ def skip_reason(spec: LayerSpec, options: EngineOptions) -> str | None:
     """Why `spec` will not be analyzed under `options`, or None; reads no weights."""
     if spec.skip_reason is not None:
         return spec.skip_reason
-    return check_size(N=spec.N, M=spec.M, rf=spec.rf, options=options)
+    measured = sized(spec, options)
+    return check_size(N=measured.N, M=measured.M, rf=measured.rf, options=options)
 
 
 TORCH_EIGH_MIN_ORDER = 1280
@@ -201,15 +229,10 @@ def analyze_checkpoint(
             with ThreadPoolExecutor(max_workers=jobs, initializer=initializer) as pool:
                 in_flight: deque[tuple[int, LayerSpec, Future[LayerOutcome]]] = deque()
                 for position, spec in work:
-                    matrices = checkpoint.matrices(spec)
-                    future = pool.submit(
-                        analyze_layer_spectrum,
-                        matrices,
-                        conv2d_norm=_is_conv2d(spec),
-                        options=options,
-                    )
+                    matrices, flags = _engine_input(checkpoint, spec, options)
+                    future = pool.submit(analyze_layer_spectrum, matrices, options=options, **flags)
                     del matrices
-                    in_flight.append((position, spec, future))
+                    in_flight.append((position, sized(spec, options), future))
                     while len(in_flight) > jobs:
                         done_position, done_spec, done = in_flight.popleft()
                         finish(done_position, _layer_result(done_spec, done.result(), keep_spectra))
@@ -300,7 +323,7 @@ def list_path(path: str | Path, settings: RunSettings) -> CheckpointListing | In
     try:
         with _open(Path(path), settings) as checkpoint:
             layers = tuple(
-                ListedLayer(spec, skip_reason(spec, settings.engine))
+                ListedLayer(sized(spec, settings.engine), skip_reason(spec, settings.engine))
                 for spec in _selected(checkpoint, settings)
             )
             return CheckpointListing(

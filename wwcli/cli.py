@@ -188,6 +188,13 @@ class Device(enum.StrEnum):
     cuda = "cuda"
 
 
+class Conv1DMode(enum.StrEnum):
+    """How Conv1D kernels become spectra."""
+
+    pooled = "pooled"
+    weightwatcher = "weightwatcher"
+
+
 class Precision(enum.StrEnum):
     """Floating-point precision of the Gram matrix and its eigensolve."""
 
@@ -316,6 +323,16 @@ JobsOption = Annotated[
         help="Layers analyzed (and pictures drawn) in parallel, BLAS capped to one thread each "
         "(default: the number of cores); 1 = one layer at a time.",
         show_default=False,
+        rich_help_panel=ENGINE,
+    ),
+]
+Conv1DOption = Annotated[
+    Conv1DMode,
+    typer.Option(
+        "--conv1d",
+        help="How Conv1D kernels are read: pooled (the k kernel positions pooled, M*k "
+        "eigenvalues) or weightwatcher (0.7.7's numbers: only the min(k, in, out) largest "
+        "eigenvalues; a kernel under 8 is skipped).",
         rich_help_panel=ENGINE,
     ),
 ]
@@ -528,6 +545,7 @@ def settings_from_cli(
     trust_pickle: bool,
     device: Device = Device.cpu,
     precision: Precision = Precision.float64,
+    conv1d: Conv1DMode = Conv1DMode.pooled,
     fail_below: float = 2.0,
     fail_above: float | None = None,
     fail_on_failed_fit: bool = False,
@@ -549,6 +567,7 @@ def settings_from_cli(
             backend="torch" if device is Device.cuda else "numpy",
             device=device.value,
             precision=precision.value,
+            conv1d=conv1d.value,
         )
     except ValueError as error:
         raise UsageError(_option_words(str(error))) from error
@@ -1000,6 +1019,7 @@ def describe(
     layers: LayersOption = None,
     min_evals: MinEvalsOption = 8,
     max_evals: MaxEvalsOption = 15000,
+    conv1d: Conv1DOption = Conv1DMode.pooled,
     output_format: FormatOption = OutputFormat.table,
     debug: DebugOption = False,
 ) -> None:
@@ -1020,7 +1040,11 @@ def describe(
         from wwcli.results import InputFailure
 
         settings = settings_from_cli(
-            layers=layers, min_evals=min_evals, max_evals=max_evals, trust_pickle=trust_pickle
+            layers=layers,
+            min_evals=min_evals,
+            max_evals=max_evals,
+            trust_pickle=trust_pickle,
+            conv1d=conv1d,
         )
         listings = []
         for outcome in list_paths(paths, settings):
@@ -1040,6 +1064,7 @@ def analyze(
     layers: LayersOption = None,
     min_evals: MinEvalsOption = 8,
     max_evals: MaxEvalsOption = 15000,
+    conv1d: Conv1DOption = Conv1DMode.pooled,
     device: Annotated[
         Device,
         typer.Option(
@@ -1251,6 +1276,7 @@ def analyze(
             trust_pickle=trust_pickle,
             device=device,
             precision=precision,
+            conv1d=conv1d,
             keep_spectra=plot is not None or html_file is not None or spectra_file is not None,
             gate=gate,
         )
@@ -1335,6 +1361,7 @@ def report(
     layers: LayersOption = None,
     min_evals: MinEvalsOption = 8,
     max_evals: MaxEvalsOption = 15000,
+    conv1d: Conv1DOption = Conv1DMode.pooled,
     jobs: JobsOption = None,
     plot: PlotOption = None,
     plot_format: PlotFormatOption = ImageFormat.png,
@@ -1359,6 +1386,7 @@ def report(
             min_evals=min_evals,
             max_evals=max_evals,
             trust_pickle=trust_pickle,
+            conv1d=conv1d,
             exit_zero=True,
             keep_spectra=True,
         )

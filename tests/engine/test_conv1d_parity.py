@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -192,3 +193,39 @@ def test_pooled_mode_is_unchanged_and_differs() -> None:
     dense = LayerSpec(1, "d", LayerType.CONV1D, (30, 40), N=40, M=30)
     assert weightwatcher_conv1d_spec(dense) is dense
     assert not weightwatcher_conv1d(dense)
+
+
+def test_the_command_line_gives_weightwatchers_conv1d_numbers(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wwcli.cli import app
+
+    model = _keras_model()
+    path = tmp_path / "conv1d.keras"
+    model.save(path)
+    rows = _quietly(weightwatcher.WeightWatcher(model=model).analyze).to_dict("records")
+    result = CliRunner().invoke(
+        app,
+        ["analyze", str(path), "--conv1d", "weightwatcher", "-f", "json", "--exit-zero", "-q"],
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["options"]["conv1d"] == "weightwatcher"
+    ours = {layer["name"]: layer for layer in document["layers"]}
+    assert sorted(ours) == sorted(row["name"] for row in rows)
+    for row in rows:
+        layer = ours[row["name"]]
+        assert (layer["N"], layer["M"], layer["rf"], layer["num_evals"]) == (
+            row["N"],
+            row["M"],
+            row["rf"],
+            row["num_evals"],
+        )
+        assert layer["alpha"] == pytest.approx(row["alpha"], rel=1e-10)
+        assert layer["lambda_max"] == pytest.approx(row["lambda_max"], rel=1e-12)
+    described = CliRunner().invoke(
+        app, ["describe", str(path), "--conv1d", "weightwatcher", "-f", "json"]
+    )
+    listed = {layer["name"]: layer for layer in json.loads(described.stdout)["layers"]}
+    assert listed["conv3"]["analyzable"] is False  # a kernel under 8, as weightwatcher skips it
+    assert listed["conv9"]["num_evals"] == ours["conv9"]["num_evals"]
