@@ -237,6 +237,13 @@ def main(
     """Heavy-tailed spectral diagnostics (alpha) for saved neural-network checkpoints."""
 
 
+def _file_option(flag: str, help: str, *, panel: str, metavar: str = "FILE") -> Any:
+    """An option naming a file to read or write (no default shown, never a folder)."""
+    return typer.Option(
+        flag, metavar=metavar, help=help, show_default=False, dir_okay=False, rich_help_panel=panel
+    )
+
+
 # --- Options shared by the commands ----------------------------------------------------------
 
 PathsArgument = Annotated[
@@ -259,14 +266,11 @@ TrustPickleOption = Annotated[
 ]
 ConfigOption = Annotated[
     Path | None,
-    typer.Option(
+    _file_option(
         "--config",
-        metavar="FILE",
-        help="Read option defaults from this TOML file (its [tool.wwcli] table, or its top "
+        "Read option defaults from this TOML file (its [tool.wwcli] table, or its top "
         "level) instead of the nearest pyproject.toml [tool.wwcli] or wwcli.toml. Flags win.",
-        show_default=False,
-        dir_okay=False,
-        rich_help_panel=INPUT,
+        panel=INPUT,
     ),
 ]
 IsolatedOption = Annotated[
@@ -370,26 +374,21 @@ PlotFormatOption = Annotated[
 ]
 HtmlOption = Annotated[
     Path | None,
-    typer.Option(
+    _file_option(
         "--html",
-        metavar="FILE",
-        help="Also write one self-contained HTML report (summary, table, every picture; opens "
+        "Also write one self-contained HTML report (summary, table, every picture; opens "
         "with no network; needs wwcli[plot]).",
-        show_default=False,
-        dir_okay=False,
-        rich_help_panel=OUTPUT,
+        panel=OUTPUT,
     ),
 ]
 SpectraOption = Annotated[
     Path | None,
-    typer.Option(
+    _file_option(
         "--spectra",
-        metavar="FILE.npz",
-        help="Also write the eigenvalues of every analyzed layer, keyed by layer name, as a "
+        "Also write the eigenvalues of every analyzed layer, keyed by layer name, as a "
         "NumPy .npz archive (np.load(FILE)[name]).",
-        show_default=False,
-        dir_okay=False,
-        rich_help_panel=OUTPUT,
+        panel=OUTPUT,
+        metavar="FILE.npz",
     ),
 ]
 
@@ -1145,14 +1144,11 @@ def analyze(
     ] = 0,
     baseline: Annotated[
         Path | None,
-        typer.Option(
+        _file_option(
             "--baseline",
-            metavar="FILE",
-            help="A previous JSON report (--json or --write-baseline): fail only on layers "
+            "A previous JSON report (--json or --write-baseline): fail only on layers "
             "newly over the line since (matched by name).",
-            show_default=False,
-            dir_okay=False,
-            rich_help_panel=GATE,
+            panel=GATE,
         ),
     ] = None,
     max_drop: Annotated[
@@ -1193,45 +1189,35 @@ def analyze(
     ] = False,
     summary_file: Annotated[
         Path | None,
-        typer.Option(
+        _file_option(
             "--summary",
-            metavar="FILE",
-            help='Also write a Markdown job summary (e.g. "$GITHUB_STEP_SUMMARY").',
-            show_default=False,
-            dir_okay=False,
-            rich_help_panel=OUTPUT,
+            'Also write a Markdown job summary (e.g. "$GITHUB_STEP_SUMMARY").',
+            panel=OUTPUT,
         ),
     ] = None,
     write_baseline: Annotated[
         Path | None,
-        typer.Option(
+        _file_option(
             "--write-baseline",
-            metavar="FILE",
-            help="Also write this run's JSON report as a baseline for --baseline.",
-            show_default=False,
-            dir_okay=False,
-            rich_help_panel=GATE,
+            "Also write this run's JSON report as a baseline for --baseline.",
+            panel=GATE,
         ),
     ] = None,
     output_format: FormatOption = OutputFormat.table,
     csv_file: Annotated[
         Path | None,
-        typer.Option(
+        _file_option(
             "--csv",
-            metavar="FILE",
-            help="Also write the results as CSV to this file.",
-            dir_okay=False,
-            rich_help_panel=OUTPUT,
+            "Also write the results as CSV to this file.",
+            panel=OUTPUT,
         ),
     ] = None,
     json_file: Annotated[
         Path | None,
-        typer.Option(
+        _file_option(
             "--json",
-            metavar="FILE",
-            help="Also write the results as JSON to this file.",
-            dir_okay=False,
-            rich_help_panel=OUTPUT,
+            "Also write the results as JSON to this file.",
+            panel=OUTPUT,
         ),
     ] = None,
     plot: PlotOption = None,
