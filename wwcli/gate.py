@@ -32,6 +32,7 @@ __all__ = [
     "Trip",
     "evaluate",
     "exit_code",
+    "judge",
     "trip_reason",
 ]
 
@@ -225,13 +226,38 @@ def trip_reason(result: LayerResult, policy: GatePolicy) -> str | None:
     return None
 
 
+def judge(
+    checkpoint: str,
+    result: LayerResult,
+    policy: GatePolicy,
+    before: Mapping[str, float | None] | None = None,
+) -> Judgement:
+    """The gate's rule applied to one analyzed layer (against a baseline's alphas, if any)."""
+    why_not = policy.not_gated(result)
+    reason = None if why_not else trip_reason(result, policy)
+    if not why_not and before is not None:
+        reason = _against_baseline(result, reason, before, policy)
+    layer_type = result.spec.layer_type.value
+    return Judgement(
+        checkpoint,
+        result.spec.layer_id,
+        result.spec.name,
+        layer_type,
+        gated=not why_not,
+        why_not=why_not,
+        tripped=reason is not None,
+        reason=reason or "",
+        policy="" if why_not else policy.describe(layer_type),
+    )
+
+
 def exit_code(results: Iterable[LayerResult], policy: GatePolicy) -> ExitCode:
-    """ExitCode.GATE when any analyzed layer trips the gate on its own numbers (every layer
-    judged, no baseline), else ExitCode.OK."""
+    """The gate's layer rule alone (no baseline, no run-level checks: an empty list is OK):
+    ExitCode.GATE when more than max_over_trained gated layers trip, else ExitCode.OK."""
     if policy.exit_zero:
         return ExitCode.OK
-    tripped = any(trip_reason(result, policy) is not None for result in results)
-    return ExitCode.GATE if tripped else ExitCode.OK
+    tripped = sum(judge("", result, policy).tripped for result in results)
+    return ExitCode.GATE if tripped > policy.max_over_trained else ExitCode.OK
 
 
 def _against_baseline(
@@ -270,25 +296,7 @@ def evaluate(run: RunResult, policy: GatePolicy | None = None) -> GateOutcome:
                 f"baseline {policy.baseline.source} has no checkpoint {report.checkpoint}: "
                 "its layers are judged on their own"
             )
-        for result in report.layers:
-            why_not = policy.not_gated(result)
-            reason = None if why_not else trip_reason(result, policy)
-            if not why_not and before is not None:
-                reason = _against_baseline(result, reason, before, policy)
-            layer_type = result.spec.layer_type.value
-            judged.append(
-                Judgement(
-                    report.checkpoint,
-                    result.spec.layer_id,
-                    result.spec.name,
-                    layer_type,
-                    gated=not why_not,
-                    why_not=why_not,
-                    tripped=reason is not None,
-                    reason=reason or "",
-                    policy="" if why_not else policy.describe(layer_type),
-                )
-            )
+        judged.extend(judge(report.checkpoint, result, policy, before) for result in report.layers)
         if before is not None:
             now = {result.spec.name for result in report.layers}
             vanished = sorted(set(before) - now)
