@@ -6,6 +6,13 @@ order it reads them, from 0 for a model folder; every such tensor consumes an id
 norm scale it will never analyze. weightwatcher types them by rank alone (2-D dense, 4-D
 conv2d); wwcli also types a 2-D embedding table `embedding` by its name (`is_embedding_name`),
 which changes no id and no number (the engine reads an embedding exactly as a dense matrix).
+
+Recurrent weights (`nn.LSTM`, `nn.GRU`, `nn.RNN`: `weight_ih_l0`, `weight_hh_l0`, their
+`_reverse` twins and an LSTM's projection `weight_hr_l0`) do not end in `.weight`, and
+weightwatcher 0.7.7 never analyzes them (nor an nn.LSTM module: it has no `weight`). wwcli lists
+them after the `.weight` tensors, with the next ids, so that no weightwatcher id moves, and reads
+each as one matrix per gate block (`recurrent_gates`): (4H, in) is LSTM's 4 gates (i, f, g, o)
+of (H, in), GRU's 3, RNN's 1, pooled into one spectrum like the kernel positions of a conv.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ _NORM_NAME = re.compile(r"(norm|^ln(_|\d|$)|^bn(_|\d|$))", re.IGNORECASE)
 
 _EMBEDDING_NAME = re.compile(
     r"(wte|wpe|shared|embed_tokens|embed_positions|embed_in|relative_attention_bias"
+    r"|token_embd|pos_embd|token_types"
     r"|(\w+_)?(embed|embeds|embedding|embeddings))",
     re.IGNORECASE,
 )
@@ -49,7 +57,8 @@ def is_embedding_name(name: str) -> bool:
     and "_": `word_embeddings`, `position_embeddings`, `token_type_embeddings` (BERT),
     `tok_embeddings` (Llama's original), `token_embedding` (CLIP), `pos_embed`, and Flax's
     `Embed_0.embedding`. So `unembed` and GPT-NeoX's `embed_out` (output heads), `q_proj`,
-    `dense`, `fc1`, `lm_head` never match.
+    `dense`, `fc1`, `lm_head` never match. llama.cpp's GGUF names `token_embd`, `pos_embd` and
+    `token_types` are embeddings too.
     """
     last = re.split(r"[./]", name)[-1]
     last = re.sub(r":\d+$", "", last)
@@ -155,10 +164,13 @@ def matrices_of_tensor(tensor: np.ndarray, layer: LayerSpec) -> list[np.ndarray]
     Dense and embedding: the matrix itself. conv2d (out, in, kh, kw): the kh*kw slices
     W[:, :, i, j], i outer, j inner, as weightwatcher's `conv2D_Wmats` walks them (it
     transposes each slice to N x M, which leaves the spectrum unchanged). conv1d (out, in, k):
-    the k slices W[:, :, i].
+    the k slices W[:, :, i]. A recurrent weight (a 2-D dense layer of rf > 1): its rf gate
+    blocks W[g*H:(g+1)*H], in stored order.
     """
     if tensor.shape != layer.shape:
         raise LoaderError(f"{layer.name}: tensor has shape {tensor.shape}, expected {layer.shape}")
+    if tensor.ndim == 2 and layer.rf > 1:
+        return [np.ascontiguousarray(block) for block in np.split(tensor, layer.rf, axis=0)]
     if tensor.ndim == 2:
         return [tensor]
     if tensor.ndim == 3:
@@ -219,6 +231,52 @@ def metadata_ties(metadata: Mapping[str, str], keys: Sequence[str]) -> dict[str,
     return ties
 
 
+_RECURRENT_KEY = re.compile(
+    r"^(?P<prefix>(?:.*\.)?)weight_(?P<kind>ih|hh|hr)_l(?P<layer>\d+)(?P<reverse>_reverse)?$"
+)
+"""The recurrent weights PyTorch names: `lstm.weight_ih_l0`, `gru.weight_hh_l1_reverse`, ..."""
+
+RECURRENT_GATES = (1, 3, 4)
+"""Gate blocks of nn.RNN, nn.GRU and nn.LSTM weights."""
+
+
+def recurrent_gates(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Recurrent weight key -> its gate blocks, for every `weight_ih_l*`, `weight_hh_l*` (4 for
+    LSTM, 3 for GRU, 1 for RNN, from the shapes: `weight_hh` is (gates x H, H), or (4H, P) with
+    a projection `weight_hr` of (P, H)) and `weight_hr_l*` (1) key whose shapes agree. A key
+    whose shapes do not fit none of these is left out (then it is read like any tensor)."""
+    gates: dict[str, int] = {}
+    for key, shape in shapes.items():
+        found = _RECURRENT_KEY.match(key)
+        if found is None or len(shape) != 2:
+            continue
+        if found["kind"] == "hr":
+            gates[key] = 1
+            continue
+        suffix = f"_l{found['layer']}{found['reverse'] or ''}"
+        hidden_to_hidden = shapes.get(f"{found['prefix']}weight_hh{suffix}", ())
+        projection = shapes.get(f"{found['prefix']}weight_hr{suffix}", ())
+        if len(hidden_to_hidden) != 2 or shape[0] != hidden_to_hidden[0]:
+            continue
+        hidden = projection[1] if len(projection) == 2 else hidden_to_hidden[1]
+        if hidden > 0 and shape[0] % hidden == 0 and shape[0] // hidden in RECURRENT_GATES:
+            gates[key] = shape[0] // hidden
+    return gates
+
+
+def recurrent_spec(spec: LayerSpec, gates: int) -> LayerSpec:
+    """A 2-D recurrent weight (gates x H, X) listed as `gates` matrices of (H, X)."""
+    rows, columns = spec.shape
+    hidden = rows // gates
+    return dataclasses.replace(
+        spec,
+        layer_type=LayerType.DENSE,
+        N=max(hidden, columns),
+        M=min(hidden, columns),
+        rf=gates,
+    )
+
+
 TensorReader = Callable[[str], np.ndarray]
 """Reads one tensor by key, now, as a float array of its stored shape."""
 
@@ -258,16 +316,29 @@ class StateDictCheckpoint(Checkpoint):
         keys = [entry.key for entry, _ in tensors]
         chosen, keys_note = numbered_keys(keys)
         chosen_set = set(chosen)
-        self.ids_note = "; ".join(note for note in (ids_note, keys_note) if note) or None
+        gates = recurrent_gates({entry.key: entry.shape for entry, _ in tensors})
+        extra = [(entry, read) for entry, read in tensors if entry.key in gates]
+        extra = [(entry, read) for entry, read in extra if entry.key not in chosen_set]
+        recurrent_note = (
+            f"{len(extra)} recurrent weights (weight_ih, weight_hh) get ids after the '.weight' "
+            "tensors; weightwatcher 0.7.7 analyzes none of them"
+            if extra
+            else None
+        )
+        self.ids_note = (
+            "; ".join(note for note in (ids_note, keys_note, recurrent_note) if note) or None
+        )
         self.source_note = source_note
         """What part of the file(s) the layers come from, for people; None when all of it."""
         self._numbered: list[NumberedTensor] = []
-        for entry, read in tensors:
-            if entry.key in chosen_set:
-                spec = spec_for_tensor(len(self._numbered), entry)
-                if tied and entry.key in tied:
-                    spec = dataclasses.replace(spec, tied_to=tied[entry.key])
-                self._numbered.append(NumberedTensor(spec=spec, key=entry.key, read=read))
+        numbered = [(entry, read) for entry, read in tensors if entry.key in chosen_set]
+        for entry, read in numbered + extra:
+            spec = spec_for_tensor(len(self._numbered), entry)
+            if entry.key in gates and spec.layer_type is LayerType.DENSE:
+                spec = recurrent_spec(spec, gates[entry.key])
+            if tied and entry.key in tied:
+                spec = dataclasses.replace(spec, tied_to=tied[entry.key])
+            self._numbered.append(NumberedTensor(spec=spec, key=entry.key, read=read))
         self._close = close
 
     def layers(self) -> list[LayerSpec]:

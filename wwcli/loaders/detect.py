@@ -23,10 +23,33 @@ ZIP_SIGNATURE = b"PK\x03\x04"
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
+ONNX_SUFFIXES = (".onnx",)
+GGUF_MAGIC = b"GGUF"
+NPY_MAGIC = b"\x93NUMPY"
+TFLITE_IDENTIFIER = b"TFL3"
+
+_UNSUPPORTED_SUFFIXES = {
+    ".tflite": "a TensorFlow Lite model: not supported; export the model to ONNX or save it "
+    "as .keras or safetensors instead",
+    ".pb": "a TensorFlow protobuf (a frozen graph or part of a SavedModel): not supported; "
+    "save the model as .keras or export it to ONNX",
+    ".msgpack": "a Flax msgpack checkpoint: not supported; save it as safetensors",
+    ".mlmodel": "a Core ML model: not supported",
+    ".pdparams": "a PaddlePaddle checkpoint: not supported",
+    ".pkl": "a Python pickle: wwcli reads pickles only as PyTorch checkpoints (.pt, .pth, .bin, "
+    ".ckpt); if it is one, rename it",
+    ".pickle": "a Python pickle: wwcli reads pickles only as PyTorch checkpoints (.pt, .pth, "
+    ".bin, .ckpt); if it is one, rename it",
+    ".joblib": "a joblib pickle (scikit-learn?): not supported",
+    ".ggml": "a GGML file (the format before GGUF): not supported; convert it to GGUF",
+}
+"""Formats people have that wwcli does not read, by suffix: what to say instead of
+"unrecognized"."""
 
 
 def sniff_format(path: Path) -> str:
-    """ "keras", "torch" or "safetensors" for a file, from its first bytes, then its suffix.
+    """ "keras", "torch", "safetensors", "onnx", "gguf", "npy" or "npz" for a file, from its
+    first bytes, then its suffix.
 
     Raises LoaderError when the file cannot be read or looks like none of them.
     """
@@ -34,6 +57,12 @@ def sniff_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if head.startswith(HDF5_SIGNATURE):
         return "keras"
+    if head.startswith(GGUF_MAGIC):
+        return "gguf"
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head[4:8] == TFLITE_IDENTIFIER:
+        raise LoaderError(f"{path}: {_UNSUPPORTED_SUFFIXES['.tflite']}")
     if head.startswith(ZIP_SIGNATURE):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -42,6 +71,8 @@ def sniff_format(path: Path) -> str:
             raise LoaderError(f"{path}: damaged zip archive (truncated?): {error}") from error
         if "config.json" in names or "model.weights.h5" in names or suffix == ".keras":
             return "keras"
+        if suffix == ".npz" or (names and all(name.endswith(".npy") for name in names)):
+            return "npz"
         if any(name.endswith("data.pkl") for name in names) or suffix in TORCH_SUFFIXES:
             return "torch"
         raise LoaderError(
@@ -59,9 +90,18 @@ def sniff_format(path: Path) -> str:
         return "keras"
     if suffix in TORCH_SUFFIXES:
         return "torch"
+    if suffix in ONNX_SUFFIXES:
+        return "onnx"
+    if suffix in _UNSUPPORTED_SUFFIXES:
+        raise LoaderError(f"{path}: {_UNSUPPORTED_SUFFIXES[suffix]}")
+    if head[:1] == b"\x80":
+        raise LoaderError(
+            f"{path}: a Python pickle: wwcli reads pickles only as PyTorch checkpoints (.pt, "
+            ".pth, .bin, .ckpt); if it is one, rename it"
+        )
     raise LoaderError(
         f"{path}: unrecognized file format (supported: .keras, .h5, .weights.h5, "
-        ".pt, .pth, .bin, .ckpt, .safetensors, and model folders)"
+        ".pt, .pth, .bin, .ckpt, .safetensors, .onnx, .gguf, .npz, .npy, and model folders)"
     )
 
 
@@ -103,6 +143,19 @@ def _open(path: Path, *, trust_pickle: bool) -> Checkpoint:
         from wwcli.loaders.torch import open_torch
 
         return open_torch(path, trust_pickle=trust_pickle)
+    if file_format == "onnx":
+        # onnx's C++ protobuf parser runs in the helper process too.
+        from wwcli.loaders.isolated import open_onnx_isolated
+
+        return open_onnx_isolated(path)
+    if file_format == "gguf":
+        from wwcli.loaders.gguf import open_gguf
+
+        return open_gguf(path)
+    if file_format in ("npy", "npz"):
+        from wwcli.loaders.npz import open_npy, open_npz
+
+        return open_npy(path) if file_format == "npy" else open_npz(path)
     from wwcli.loaders.safetensors import open_safetensors
 
     return open_safetensors(path)

@@ -24,6 +24,10 @@ no tokens or keys a file could read back through /proc/self/environ), dies with 
 started it (Linux `PR_SET_PDEATHSIG`, so a SIGTERM or SIGKILL of wwcli cannot leave it spinning
 in a hung HDF5 call), and `stop_helpers()` kills it at once, for signal handlers.
 
+ONNX models are read in the same helper (`open_onnx_isolated`): onnx's C++ protobuf parser is
+untrusted-input code too. An open request names its reader (`"kind": "keras"` or `"onnx"`);
+errors then speak of the "ONNX parser".
+
 Requests and replies are length-prefixed JSON; matrices follow as raw bytes of an allow-listed
 little-endian float dtype: nothing from the helper is ever unpickled.
 `WWCLI_HDF5_TIMEOUT` (seconds) sets the base deadline; `WWCLI_HDF5_IN_PROCESS=1` reads in this
@@ -125,6 +129,22 @@ def base_timeout() -> float:
     return timeout if math.isfinite(timeout) and timeout > 0 else DEFAULT_TIMEOUT_S
 
 
+@dataclasses.dataclass(frozen=True)
+class _Reader:
+    """A reader the helper process runs: its request name and its words in error messages."""
+
+    kind: str
+    """The `kind` of an open request: "keras" or "onnx"."""
+    library: str
+    """What crashes or hangs: "HDF5 library", "ONNX parser"."""
+    process: str
+    """The helper as the errors name it: "HDF5 reader process", ..."""
+
+
+_KERAS = _Reader("keras", "HDF5 library", "HDF5 reader process")
+_ONNX = _Reader("onnx", "ONNX parser", "ONNX reader process")
+
+
 def open_keras_isolated(path: Path) -> Checkpoint:
     """Open a Keras checkpoint in the helper process (see the module docstring).
 
@@ -135,14 +155,31 @@ def open_keras_isolated(path: Path) -> Checkpoint:
         from wwcli.loaders.keras import open_keras
 
         return open_keras(path)
+    return _open_isolated(path, _KERAS)
+
+
+def open_onnx_isolated(path: Path) -> Checkpoint:
+    """Open an ONNX model in the helper process: onnx's C++ protobuf parser sees the file there,
+    under the same deadlines, memory cap and environment as HDF5 (`WWCLI_HDF5_IN_PROCESS=1`
+    reads it in this process too). Raises LoaderError for everything `onnx.open_onnx` refuses,
+    and when the parser crashes or hangs on the file."""
+    if in_process():
+        from wwcli.loaders.onnx import open_onnx
+
+        return open_onnx(path)
+    return _open_isolated(path, _ONNX)
+
+
+def _open_isolated(path: Path, reader: _Reader) -> Checkpoint:
     worker = _shared_worker(path)
     try:
         reply, _ = worker.request(
             # The path as given (error messages name it), read from this process's folder.
-            {"op": "open", "path": os.fspath(path), "cwd": os.getcwd()},
+            {"op": "open", "kind": reader.kind, "path": os.fspath(path), "cwd": os.getcwd()},
             timeout=base_timeout(),
             path=path,
             what="its layer list",
+            library=reader.library,
         )
     except _HelperError as failure:
         raise LoaderError(str(failure)) from failure.__cause__
@@ -153,8 +190,8 @@ def open_keras_isolated(path: Path) -> Checkpoint:
         notes = (_optional_text(reply["ids_note"]), _optional_text(reply["source_note"]))
     except (KeyError, TypeError, ValueError) as error:
         worker.stop()
-        raise LoaderError(f"{path}: the HDF5 reader process sent a malformed answer") from error
-    return IsolatedCheckpoint(path, worker, handle, file_format, layers, notes)
+        raise LoaderError(f"{path}: the {reader.process} sent a malformed answer") from error
+    return IsolatedCheckpoint(path, worker, handle, file_format, layers, notes, reader)
 
 
 class IsolatedCheckpoint(Checkpoint):
@@ -168,8 +205,10 @@ class IsolatedCheckpoint(Checkpoint):
         file_format: str,
         layers: list[LayerSpec],
         notes: tuple[str | None, str | None],
+        reader: _Reader = _KERAS,
     ) -> None:
         self.path = path
+        self._reader = reader
         self.format = file_format
         self.ids_note, self.source_note = notes
         self._worker: _Worker | None = worker
@@ -186,7 +225,7 @@ class IsolatedCheckpoint(Checkpoint):
             raise LoaderError(f"{self.path}: the checkpoint is closed")
         if not worker.alive:
             raise LoaderError(
-                f"{self.path}: the HDF5 reader process was stopped after an earlier failure; "
+                f"{self.path}: the {self._reader.process} was stopped after an earlier failure; "
                 "open the file again"
             )
         nbytes = layer.N * layer.M * layer.rf * 8
@@ -200,19 +239,20 @@ class IsolatedCheckpoint(Checkpoint):
                 timeout=base_timeout() + nbytes / SLOWEST_READ_BYTES_PER_S,
                 path=self.path,
                 what=what,
+                library=self._reader.library,
             )
         except _HelperError as failure:
             raise LoaderError(str(failure)) from failure.__cause__
         except MemoryError as error:
             # The helper was stopped (the pipe holds half an answer); the run goes on.
             raise LoaderError(
-                f"{self.path}: ran out of memory receiving {what} from the HDF5 reader process"
+                f"{self.path}: ran out of memory receiving {what} from the {self._reader.process}"
             ) from error
         self._first_read = False
         for matrix in arrays:
             if sorted(matrix.shape) != sorted((layer.M, layer.N)):
                 raise LoaderError(
-                    f"{self.path}: the HDF5 reader process sent a matrix of shape "
+                    f"{self.path}: the {self._reader.process} sent a matrix of shape "
                     f"{matrix.shape} for {what}"
                 )
         return arrays
@@ -327,9 +367,16 @@ class _Worker:
         return self._process.pid
 
     def request(
-        self, message: dict[str, Any], *, timeout: float, path: Path, what: str
+        self,
+        message: dict[str, Any],
+        *,
+        timeout: float,
+        path: Path,
+        what: str,
+        library: str = "HDF5 library",
     ) -> tuple[dict[str, Any], list[np.ndarray]]:
-        """Send one request and read its whole answer within `timeout` seconds.
+        """Send one request and read its whole answer within `timeout` seconds; `library`
+        names what crashed or hung in the error ("HDF5 library", "ONNX parser").
 
         Raises LoaderError when the helper reports one; _HelperError when it crashes, hangs or
         answers nonsense (the helper is then stopped); RuntimeError for a bug inside it.
@@ -345,13 +392,13 @@ class _Worker:
             except _CrashedError as crash:
                 self.stop()
                 raise _HelperError(
-                    f"{path}: HDF5 library crashed ({crash}) while reading {what}; the file "
+                    f"{path}: {library} crashed ({crash}) while reading {what}; the file "
                     "is damaged or crafted"
                 ) from self._output()
             except _TimedOutError:
                 self.stop()
                 raise _HelperError(
-                    f"{path}: HDF5 library hung while reading {what}: no answer in "
+                    f"{path}: {library} hung while reading {what}: no answer in "
                     f"{timeout:.0f} s, stopped; the file is damaged or crafted"
                 ) from self._output()
             except BaseException:
@@ -558,19 +605,28 @@ def _cap_memory(in_use: int | None, hdf5_bytes: int) -> None:
 
 def _answer(message: dict[str, Any], checkpoints: dict[int, Checkpoint]) -> dict[str, Any]:
     """The reply to one request, and the arrays to send after it (under "_arrays")."""
-    from wwcli.loaders.keras import open_keras
-
     op = message["op"]
     if op == "open":
         os.chdir(message["cwd"])
         path = Path(message["path"])
         in_use = _in_use()
         # Listing reads metadata only: the file's own size bounds it. Reading layers may then
-        # need the unpacked weights member (real bytes, on disk now) in up to three copies.
+        # need the unpacked weights member (real bytes, on disk now) in up to three copies,
+        # or an ONNX model's external data files.
         file_size = path.stat().st_size if path.is_file() else 0
         _cap_memory(in_use, file_size)
-        checkpoint = open_keras(path)
-        _cap_memory(in_use, max(file_size, int(getattr(checkpoint, "hdf5_size", 0))))
+        kind = message.get("kind", _KERAS.kind)
+        if kind == _ONNX.kind:
+            from wwcli.loaders.onnx import open_onnx
+
+            checkpoint = open_onnx(path)
+            data_size = file_size + int(getattr(checkpoint, "data_size", 0))
+        else:
+            from wwcli.loaders.keras import open_keras
+
+            checkpoint = open_keras(path)
+            data_size = max(file_size, int(getattr(checkpoint, "hdf5_size", 0)))
+        _cap_memory(in_use, data_size)
         handle = max(checkpoints, default=0) + 1
         checkpoints[handle] = checkpoint
         return {
