@@ -1,5 +1,5 @@
 """The gate's policy on models shaped like real ones: it passes healthy models, fails a planted
-over-trained layer, ignores what it cannot judge, and cannot pass by accident; baselines and
+very heavy-tailed layer, ignores what it cannot judge, and cannot pass by accident; baselines and
 project configuration."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _over_trained(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def bert_folder(folder: Path, *, planted: bool, seed: int = 0) -> Path:
     """A BERT-shaped safetensors folder: heavy-tailed embeddings, Gaussian blocks, a small
-    classifier; with `planted`, one attention output is over-trained."""
+    classifier; with `planted`, one attention output is very heavy-tailed (alpha < 2)."""
     rng = np.random.default_rng(seed)
     tensors = {
         "embeddings.word_embeddings.weight": _heavy(rng, 1000, HIDDEN),

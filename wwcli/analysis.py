@@ -22,6 +22,15 @@ from typing import Any, Protocol
 
 from threadpoolctl import threadpool_limits
 
+from wwcli.diagnostics import (
+    DeltaResult,
+    Diagnostics,
+    LayerDiagnostics,
+    delta_result,
+    layer_diagnostics,
+    run_groups,
+    unmatched_delta,
+)
 from wwcli.engine import (
     EngineOptions,
     LayerMetrics,
@@ -63,10 +72,86 @@ LayerOutcome = tuple[LayerMetrics, Any]
 """What the engine returns for a layer: its metrics and its eigenvalues (or None)."""
 
 
-def _layer_result(spec: LayerSpec, outcome: LayerOutcome, keep_spectrum: bool) -> LayerResult:
+def _layer_result(
+    spec: LayerSpec,
+    outcome: LayerOutcome,
+    keep_spectrum: bool,
+    diagnostics: LayerDiagnostics | None = None,
+) -> LayerResult:
     metrics, eigenvalues = outcome
     spectrum = Spectrum(eigenvalues) if keep_spectrum and eigenvalues is not None else None
-    return LayerResult(spec, metrics, spectrum)
+    return LayerResult(spec, metrics, spectrum, diagnostics)
+
+
+BaseMatch = tuple[str, list[Any]] | DeltaResult | None
+"""A layer's counterpart in the base checkpoint: its name and matrices (as the engine takes
+them), the DeltaResult of a layer it has no match for, or None without --base."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerWork:
+    """The engine's work on one layer with diagnostics: picklable, runs in a pool thread."""
+
+    name: str
+    options: EngineOptions
+    diagnostics: Diagnostics
+    flags: dict[str, bool]
+
+    def __call__(
+        self, matrices: list[Any], base: BaseMatch
+    ) -> tuple[LayerOutcome, LayerDiagnostics | None]:
+        outcome = analyze_layer_spectrum(matrices, options=self.options, **self.flags)
+        delta = base if isinstance(base, DeltaResult) else None
+        if isinstance(base, tuple):
+            base_name, base_matrices = base
+            delta = delta_result(
+                base_name,
+                matrices,
+                base_matrices,
+                options=self.options,
+                conv2d_norm=self.flags["conv2d_norm"],
+                weightwatcher_conv1d=self.flags["weightwatcher_conv1d"],
+                mp_fit=self.diagnostics.mp_fit,
+            )
+        extra = layer_diagnostics(
+            self.diagnostics,
+            name=self.name,
+            matrices=matrices,
+            eigenvalues=outcome[1],
+            metrics=outcome[0],
+            conv2d_norm=self.flags["conv2d_norm"],
+            delta=delta,
+        )
+        return outcome, extra
+
+
+class _Base:
+    """The base checkpoint of --base, open for a run: its layers by name."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.by_name = {spec.name: spec for spec in checkpoint.layers()}
+
+    def match(self, spec: LayerSpec, options: EngineOptions) -> BaseMatch:
+        """The layer's counterpart: same name and same stored shape."""
+        found = self.by_name.get(spec.name)
+        if found is None:
+            return unmatched_delta("the base checkpoint has no layer of this name")
+        if found.shape != spec.shape:
+            return unmatched_delta(
+                f"the base's layer of this name is {'x'.join(map(str, found.shape))}, "
+                f"not {'x'.join(map(str, spec.shape))}"
+            )
+        matrices, _ = _engine_input(self.checkpoint, found, options)
+        return found.name, matrices
+
+    def unmatched(self, names: set[str]) -> tuple[str, ...]:
+        """The base's analyzable layers that the checkpoint does not have (by name)."""
+        return tuple(
+            spec.name
+            for spec in self.by_name.values()
+            if spec.skip_reason is None and spec.name not in names
+        )
 
 
 def sized(spec: LayerSpec, options: EngineOptions) -> LayerSpec:
@@ -183,6 +268,8 @@ def analyze_checkpoint(
     jobs: int = 1,
     on_layer: ProgressCallback | None = None,
     keep_spectra: bool = False,
+    diagnostics: Diagnostics | None = None,
+    base: Checkpoint | None = None,
 ) -> CheckpointReport:
     """Analyze the selected layers and report them in id order, whatever `jobs` is.
 
@@ -195,6 +282,10 @@ def analyze_checkpoint(
     is no pool: reading
     the next tensor while the current one is solved measured no faster on (b) (reading is ~4 %
     of the time) and held one more layer (+35 MiB), benchmarks/README.md.
+
+    `diagnostics` adds the optional groups (wwcli/diagnostics.py) to every analyzed layer;
+    `base` is the open base checkpoint of `diagnostics.base` (its matched layer is read beside
+    each layer, so a layer then holds twice the memory).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -219,6 +310,21 @@ def analyze_checkpoint(
         # for torch this also loads its thread pools before they are capped below.
         check_backend(backend=options.backend, device=options.device)
         options = eigensolver_options([spec for _, spec in work], options)
+    opened_base = _Base(base) if base is not None else None
+    if diagnostics is not None and (diagnostics.any or opened_base is not None):
+        return _analyze_with_diagnostics(
+            checkpoint,
+            selected,
+            work,
+            outcomes,
+            label=label,
+            options=options,
+            jobs=jobs,
+            finish=finish,
+            keep_spectra=keep_spectra,
+            diagnostics=diagnostics,
+            base=opened_base,
+        )
     # One BLAS thread per layer, always: parallelism comes from layers, and each layer's numbers
     # come from the same single-threaded arithmetic whatever `jobs` is (byte-identical output).
     with threadpool_limits(limits=1), _torch_cpu_threads(options) as initializer:
@@ -240,6 +346,16 @@ def analyze_checkpoint(
                     done_position, done_spec, done = in_flight.popleft()
                     finish(done_position, _layer_result(done_spec, done.result(), keep_spectra))
 
+    return _report(checkpoint, selected, outcomes, label, run_groups(Diagnostics(), options))
+
+
+def _report(
+    checkpoint: Checkpoint,
+    selected: Sequence[LayerSpec],
+    outcomes: dict[int, LayerResult | SkippedLayer],
+    label: str,
+    groups: tuple[str, ...],
+) -> CheckpointReport:
     ordered = [outcomes[position] for position in range(len(selected))]
     return CheckpointReport(
         checkpoint=label,
@@ -248,7 +364,60 @@ def analyze_checkpoint(
         source_note=checkpoint.source_note,
         layers=tuple(item for item in ordered if isinstance(item, LayerResult)),
         skipped=tuple(item for item in ordered if isinstance(item, SkippedLayer)),
+        groups=groups,
     )
+
+
+def _analyze_with_diagnostics(
+    checkpoint: Checkpoint,
+    selected: Sequence[LayerSpec],
+    work: Sequence[tuple[int, LayerSpec]],
+    outcomes: dict[int, LayerResult | SkippedLayer],
+    *,
+    label: str,
+    options: EngineOptions,
+    jobs: int,
+    finish: Callable[[int, LayerResult], None],
+    keep_spectra: bool,
+    diagnostics: Diagnostics,
+    base: _Base | None,
+) -> CheckpointReport:
+    """analyze_checkpoint's loop when diagnostics run: the same reading order and pool, each
+    layer's work a _LayerWork (the engine, then the diagnostics on its eigenvalues). Each
+    layer's randomization draws from its own generator (diagnostics.layer_rng), so the numbers
+    do not depend on `jobs` or on the order the layers finish in."""
+
+    def prepared(spec: LayerSpec) -> tuple[_LayerWork, list[Any], BaseMatch]:
+        matrices, flags = _engine_input(checkpoint, spec, options)
+        match = base.match(spec, options) if base is not None else None
+        return _LayerWork(spec.name, options, diagnostics, flags), matrices, match
+
+    def done(spec: LayerSpec, result: tuple[LayerOutcome, LayerDiagnostics | None]) -> LayerResult:
+        outcome, extra = result
+        return _layer_result(sized(spec, options), outcome, keep_spectra, extra)
+
+    with threadpool_limits(limits=1), _torch_cpu_threads(options) as initializer:
+        if jobs == 1 or len(work) <= 1:
+            for position, spec in work:
+                layer_work, matrices, match = prepared(spec)
+                finish(position, done(spec, layer_work(matrices, match)))
+                del matrices, match
+        else:
+            with ThreadPoolExecutor(max_workers=jobs, initializer=initializer) as pool:
+                in_flight: deque[tuple[int, LayerSpec, Future[Any]]] = deque()
+                for position, spec in work:
+                    layer_work, matrices, match = prepared(spec)
+                    in_flight.append((position, spec, pool.submit(layer_work, matrices, match)))
+                    del matrices, match
+                    while len(in_flight) > jobs:
+                        done_position, done_spec, future = in_flight.popleft()
+                        finish(done_position, done(done_spec, future.result()))
+                while in_flight:
+                    done_position, done_spec, future = in_flight.popleft()
+                    finish(done_position, done(done_spec, future.result()))
+    report = _report(checkpoint, selected, outcomes, label, run_groups(diagnostics, options))
+    unmatched = base.unmatched({spec.name for spec in checkpoint.layers()}) if base else ()
+    return dataclasses.replace(report, base_unmatched=unmatched)
 
 
 def _resolved_sources(checkpoint: Checkpoint) -> tuple[str, ...]:
@@ -294,7 +463,11 @@ def analyze_path(
     result are picklable (progress must then be None)."""
     label = str(path)
     try:
-        with _open(Path(path), settings) as checkpoint:
+        with contextlib.ExitStack() as stack:
+            checkpoint = stack.enter_context(_open(Path(path), settings))
+            base = _open_base(settings, label, stack)
+            if isinstance(base, InputFailure):
+                return base
             chosen = _selected(checkpoint, settings)
             if progress is not None:
                 progress.checkpoint_started(label, len(chosen))
@@ -307,6 +480,8 @@ def analyze_path(
                     jobs=jobs,
                     on_layer=progress.layer_done if progress is not None else None,
                     keep_spectra=settings.keep_spectra,
+                    diagnostics=settings.diagnostics,
+                    base=base,
                 )
                 return dataclasses.replace(report, source_files=_resolved_sources(checkpoint))
             finally:
@@ -314,6 +489,20 @@ def analyze_path(
                     progress.checkpoint_done(label)
     except LoaderError as error:
         return InputFailure.from_error(label, error)
+
+
+def _open_base(
+    settings: RunSettings, label: str, stack: contextlib.ExitStack
+) -> Checkpoint | InputFailure | None:
+    """The base checkpoint of --base, opened with the same loader and trust as the checkpoint
+    (an unreadable base is this checkpoint's input failure); None without --base."""
+    if settings.diagnostics.base is None:
+        return None
+    try:
+        return stack.enter_context(_open(Path(settings.diagnostics.base), settings))
+    except LoaderError as error:
+        failure = InputFailure.from_error(label, error)
+        return dataclasses.replace(failure, message=f"--base {settings.diagnostics.base}: {error}")
 
 
 def list_path(path: str | Path, settings: RunSettings) -> CheckpointListing | InputFailure:

@@ -5,15 +5,23 @@ The gate judges only layers it can judge: by default dense and convolutional lay
 least GATE_MIN_EVALS eigenvalues, never embedding tables. Every other analyzed layer is still
 reported, and the outcome says why it was not gated. A baseline (a previous JSON report) makes
 the gate fail only on what got worse since.
+
+`--fail-on EXPR` rules (`FailOnRule`) trip a layer on any of its named metrics: the row keys of
+the column registry, the optional groups' too (`alpha < 2 and num_spikes > 10`, `delta_alpha >
+1`). The expression language is parsed here, never evaluated by Python: comparisons (< <= > >=
+== !=) of metric names, numbers and quoted words, `and`, `or`, `not` and parentheses.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import functools
 import math
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 from wwcli.engine.results import FitStatus
 from wwcli.exit_codes import ExitCode
@@ -26,6 +34,7 @@ __all__ = [
     "GATE_MIN_EVALS",
     "Baseline",
     "ExitCode",
+    "FailOnRule",
     "GateOutcome",
     "GatePolicy",
     "Judgement",
@@ -33,6 +42,8 @@ __all__ = [
     "evaluate",
     "exit_code",
     "judge",
+    "metric_names",
+    "parse_fail_on",
     "trip_reason",
 ]
 
@@ -95,8 +106,13 @@ class GatePolicy:
     max_drop) trip."""
     max_drop: float | None = None
     """With a baseline: a layer whose alpha fell by more than this since trips too."""
+    fail_on: tuple[str, ...] = ()
+    """--fail-on rules: a gated layer for which any of these expressions holds trips
+    (`parse_fail_on`)."""
 
     def __post_init__(self) -> None:
+        for text in self.fail_on:
+            parse_fail_on(text)  # ValueError now, naming the unknown metric
         lines = [("fail_below", self.fail_below), ("fail_above", self.fail_above)]
         lines += [(f"fail_below {kind}", value) for kind, value in self.fail_below_by_type]
         lines += [("max_drop", self.max_drop)]
@@ -137,6 +153,20 @@ class GatePolicy:
                 return f"ignored by gate_ignore {pattern}"
         return ""
 
+    def rule(self) -> str:
+        """The whole rule in one line, per-type lines included (what the gate prints when
+        --fail-on rules are in it)."""
+        parts = []
+        if self.fail_below is not None:
+            parts.append(f"alpha < {self.fail_below:g}")
+        parts.extend(f"alpha < {value:g} ({kind})" for kind, value in self.fail_below_by_type)
+        if self.fail_above is not None:
+            parts.append(f"alpha > {self.fail_above:g}")
+        if self.fail_on_failed_fit:
+            parts.append("failed fit")
+        parts.extend(f"({parse_fail_on(text).text})" for text in self.fail_on)
+        return " or ".join(parts) if parts else "nothing"
+
     def describe(self, layer_type: str) -> str:
         """The rule applied to a gated layer of this type, in one line."""
         parts = []
@@ -147,6 +177,7 @@ class GatePolicy:
             parts.append(f"alpha > {self.fail_above:g}")
         if self.fail_on_failed_fit:
             parts.append("failed fit")
+        parts.extend(f"fail-on ({parse_fail_on(text).text})" for text in self.fail_on)
         rule = " or ".join(parts) if parts else "nothing"
         if self.baseline is not None:
             rule += " (new since the baseline"
@@ -208,11 +239,47 @@ class GateOutcome:
     gated, how many trips the policy tolerates."""
     empty: str = ""
     """Set when the gate judged no layer: why (the run then exits 2 unless allow_empty)."""
+    rules: tuple[str, ...] = ()
+    """The rule the gate applied, in one line, when --fail-on rules are part of it (printed
+    before the trips); () otherwise."""
 
 
-def trip_reason(result: LayerResult, policy: GatePolicy) -> str | None:
+def trip_reason(
+    result: LayerResult, policy: GatePolicy, groups: Collection[str] = ()
+) -> str | None:
     """Why this layer trips the gate under `policy` on its own numbers (no baseline, whether or
-    not it is gated), or None when it does not."""
+    not it is gated), or None when it does not. `groups`: the optional groups of columns the
+    run computed, which --fail-on rules may name."""
+    return _line_reason(result, policy) or _rule_reason(result, policy, groups)
+
+
+def _rule_reason(result: LayerResult, policy: GatePolicy, groups: Collection[str]) -> str | None:
+    """The first --fail-on rule that holds for the layer, with the values it read."""
+    if not policy.fail_on:
+        return None
+    values = _layer_values(result, groups)
+    for text in policy.fail_on:
+        rule = parse_fail_on(text)
+        if rule.holds(values) is True:
+            shown = ", ".join(f"{name} {_shown(values.get(name))}" for name in rule.names)
+            return f"fail-on {rule.text}: {shown}"
+    return None
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "null" if value is None else str(value)
+
+
+def _layer_values(result: LayerResult, groups: Collection[str]) -> Mapping[str, object]:
+    from wwcli.report.columns import ANALYZE_REGISTRY, make_row
+
+    return make_row(ANALYZE_REGISTRY, "", result, groups)
+
+
+def _line_reason(result: LayerResult, policy: GatePolicy) -> str | None:
+    """Why the layer trips the alpha lines or the failed-fit check, or None."""
     fit = result.metrics.fit
     if fit.status is not FitStatus.SUCCESS:
         if not policy.fail_on_failed_fit:
@@ -231,12 +298,16 @@ def judge(
     result: LayerResult,
     policy: GatePolicy,
     before: Mapping[str, float | None] | None = None,
+    groups: Collection[str] = (),
 ) -> Judgement:
-    """The gate's rule applied to one analyzed layer (against a baseline's alphas, if any)."""
+    """The gate's rule applied to one analyzed layer (against a baseline's alphas, if any;
+    --fail-on rules are judged on the layer's own numbers: a baseline holds alphas only)."""
     why_not = policy.not_gated(result)
-    reason = None if why_not else trip_reason(result, policy)
+    reason = None if why_not else _line_reason(result, policy)
     if not why_not and before is not None:
         reason = _against_baseline(result, reason, before, policy)
+    if not why_not and reason is None:
+        reason = _rule_reason(result, policy, groups)
     layer_type = result.spec.layer_type.value
     return Judgement(
         checkpoint,
@@ -296,7 +367,10 @@ def evaluate(run: RunResult, policy: GatePolicy | None = None) -> GateOutcome:
                 f"baseline {policy.baseline.source} has no checkpoint {report.checkpoint}: "
                 "its layers are judged on their own"
             )
-        judged.extend(judge(report.checkpoint, result, policy, before) for result in report.layers)
+        judged.extend(
+            judge(report.checkpoint, result, policy, before, report.groups)
+            for result in report.layers
+        )
         if before is not None:
             now = {result.spec.name for result in report.layers}
             vanished = sorted(set(before) - now)
@@ -314,6 +388,8 @@ def evaluate(run: RunResult, policy: GatePolicy | None = None) -> GateOutcome:
                     + ", ".join(appeared[:10])
                     + (", ..." if len(appeared) > 10 else "")
                 )
+    if policy.baseline is not None and policy.fail_on:
+        notes.append("--fail-on rules are judged on this run's numbers (a baseline holds alphas)")
     empty = ""
     if run.reports and not any(judgement.gated for judgement in judged):
         empty = (
@@ -334,4 +410,261 @@ def evaluate(run: RunResult, policy: GatePolicy | None = None) -> GateOutcome:
             notes.append(
                 f"{len(trips)} layers tripped, within --max-over-trained {policy.max_over_trained}"
             )
-    return GateOutcome(code, trips, tuple(judged), tuple(notes), empty)
+    rules = (policy.rule(),) if policy.fail_on else ()
+    return GateOutcome(code, trips, tuple(judged), tuple(notes), empty, rules)
+
+
+# --- --fail-on: a small expression language over a layer's metrics -------------------------------
+
+TEXT_METRICS = frozenset(
+    {"checkpoint", "name", "layer_type", "status", "warning", "verdict", "message"}
+    | {"delta_base", "evidence", "evidence_verdict"}
+)
+"""Row keys whose values are words (compared with == and != only); every *_message is too."""
+
+
+def _is_text(name: str) -> bool:
+    return name in TEXT_METRICS or name.endswith("_message")
+
+
+def metric_names() -> dict[str, tuple[str, ...]]:
+    """Every name a --fail-on rule may use: the row keys of every group of the registry, each
+    with the optional groups a run must compute for it to have a value (() for built-in ones)."""
+    from wwcli.report.columns import ANALYZE_REGISTRY
+
+    return {column.key: column.groups for column in ANALYZE_REGISTRY if column.key is not None}
+
+
+_TOKEN = re.compile(
+    r"\s*(?:(?P<number>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<text>\"[^\"]*\"|'[^']*')"
+    r"|(?P<op><=|>=|==|!=|<|>)"
+    r"|(?P<paren>[()]))"
+)
+_KEYWORDS = ("and", "or", "not")
+_COMPARE: dict[str, Callable[[object, object], bool]] = {
+    "<": lambda a, b: a < b,  # type: ignore[operator]
+    "<=": lambda a, b: a <= b,  # type: ignore[operator]
+    ">": lambda a, b: a > b,  # type: ignore[operator]
+    ">=": lambda a, b: a >= b,  # type: ignore[operator]
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+}
+
+
+@dataclass(frozen=True)
+class _Operand:
+    kind: str  # "number", "text" or "name"
+    value: float | str
+
+    def read(self, values: Mapping[str, object]) -> object:
+        if self.kind != "name":
+            return self.value
+        found = values.get(str(self.value))
+        if isinstance(found, bool):
+            return float(found)
+        if isinstance(found, int | float):
+            return float(found) if math.isfinite(found) else None
+        return found
+
+    def __str__(self) -> str:
+        if self.kind == "number":
+            return f"{self.value:g}"
+        return repr(self.value) if self.kind == "text" else str(self.value)
+
+
+@dataclass(frozen=True)
+class _Compare:
+    left: _Operand
+    op: str
+    right: _Operand
+
+    def holds(self, values: Mapping[str, object]) -> bool | None:
+        left, right = self.left.read(values), self.right.read(values)
+        if left is None or right is None:
+            return None  # a missing value (a failed fit, a group not computed) is unknown
+        if isinstance(left, str) != isinstance(right, str):
+            return None
+        return _COMPARE[self.op](left, right)
+
+    def __str__(self) -> str:
+        return f"{self.left} {self.op} {self.right}"
+
+
+@dataclass(frozen=True)
+class _Not:
+    operand: _Node
+
+    def holds(self, values: Mapping[str, object]) -> bool | None:
+        inner = self.operand.holds(values)
+        return None if inner is None else not inner
+
+    def __str__(self) -> str:
+        return f"not {_wrapped(self.operand)}"
+
+
+@dataclass(frozen=True)
+class _Join:
+    op: str  # "and" or "or"
+    operands: tuple[_Node, ...]
+
+    def holds(self, values: Mapping[str, object]) -> bool | None:
+        # Kleene's three-valued logic: unknown and false is false, unknown or true is true.
+        results = [operand.holds(values) for operand in self.operands]
+        if self.op == "and":
+            return False if False in results else (None if None in results else True)
+        return True if True in results else (None if None in results else False)
+
+    def __str__(self) -> str:
+        return f" {self.op} ".join(
+            _wrapped(operand) if isinstance(operand, _Join) else str(operand)
+            for operand in self.operands
+        )
+
+
+_Node = Union[_Compare, _Not, _Join]  # noqa: UP007 - a runtime alias of classes defined above
+
+
+def _wrapped(node: _Node) -> str:
+    return str(node) if isinstance(node, _Compare) else f"({node})"
+
+
+@dataclass(frozen=True)
+class FailOnRule:
+    """A parsed --fail-on expression."""
+
+    text: str
+    """The expression as the gate prints it (normalized spacing and parentheses)."""
+    names: tuple[str, ...]
+    """The metrics it reads, in order of first use."""
+    groups: tuple[str, ...]
+    """The optional groups those metrics need the run to compute."""
+    tree: _Node = field(repr=False)
+    """The parsed expression."""
+
+    def holds(self, values: Mapping[str, object]) -> bool | None:
+        """Whether the rule holds for a layer's row values: True, False, or None when a value
+        it needs is missing and the rest does not decide (a missing value never trips)."""
+        return self.tree.holds(values)
+
+
+class _Parser:
+    """Recursive descent over the tokens: or > and > not > comparison, parentheses."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens: list[tuple[str, str, int]] = []
+        position = 0
+        while position < len(text):
+            if text[position:].strip() == "":
+                break
+            match = _TOKEN.match(text, position)
+            if match is None or match.end() == position:
+                start = len(text) - len(text[position:].lstrip())
+                raise ValueError(f"unexpected {text[start]!r} at column {start + 1}")
+            kind = match.lastgroup or ""
+            value = match.group(kind)
+            start = match.start(kind)
+            if kind == "name" and value.lower() in _KEYWORDS:
+                kind, value = "keyword", value.lower()
+            self.tokens.append((kind, value, start))
+            position = match.end()
+        self.index = 0
+        self.names: list[str] = []
+
+    def _peek(self) -> tuple[str, str, int] | None:
+        return self.tokens[self.index] if self.index < len(self.tokens) else None
+
+    def _where(self) -> str:
+        token = self._peek()
+        return f"at column {token[2] + 1} ({token[1]!r})" if token else "at the end"
+
+    def _take(self, kind: str, value: str | None = None) -> bool:
+        token = self._peek()
+        if token is not None and token[0] == kind and (value is None or token[1] == value):
+            self.index += 1
+            return True
+        return False
+
+    def parse(self) -> _Node:
+        if not self.tokens:
+            raise ValueError("the rule is empty")
+        node = self._or()
+        if self._peek() is not None:
+            raise ValueError(f"expected 'and', 'or' or the end {self._where()}")
+        return node
+
+    def _or(self) -> _Node:
+        operands = [self._and()]
+        while self._take("keyword", "or"):
+            operands.append(self._and())
+        return operands[0] if len(operands) == 1 else _Join("or", tuple(operands))
+
+    def _and(self) -> _Node:
+        operands = [self._not()]
+        while self._take("keyword", "and"):
+            operands.append(self._not())
+        return operands[0] if len(operands) == 1 else _Join("and", tuple(operands))
+
+    def _not(self) -> _Node:
+        if self._take("keyword", "not"):
+            return _Not(self._not())
+        if self._take("paren", "("):
+            node = self._or()
+            if not self._take("paren", ")"):
+                raise ValueError(f"expected ')' {self._where()}")
+            return node
+        return self._comparison()
+
+    def _operand(self) -> _Operand:
+        token = self._peek()
+        if token is None or token[0] not in ("number", "name", "text"):
+            raise ValueError(f"expected a metric name, a number or a quoted word {self._where()}")
+        self.index += 1
+        kind, value, _ = token
+        if kind == "number":
+            return _Operand("number", float(value))
+        if kind == "text":
+            return _Operand("text", value[1:-1])
+        if value not in self.names:
+            self.names.append(value)
+        return _Operand("name", value)
+
+    def _comparison(self) -> _Compare:
+        left = self._operand()
+        token = self._peek()
+        if token is None or token[0] != "op":
+            raise ValueError(
+                f"expected a comparison (< <= > >= == !=) after {left} {self._where()}"
+            )
+        self.index += 1
+        right = self._operand()
+        compare = _Compare(left, token[1], right)
+        texts = [
+            _is_text(str(o.value)) if o.kind == "name" else o.kind == "text" for o in (left, right)
+        ]
+        if any(texts) and compare.op not in ("==", "!="):
+            raise ValueError(f"{compare}: words compare with == and != only")
+        if texts[0] != texts[1]:
+            raise ValueError(f"{compare}: compares a word with a number")
+        return compare
+
+
+@functools.lru_cache(maxsize=256)
+def parse_fail_on(text: str) -> FailOnRule:
+    """A --fail-on expression as a rule; ValueError naming what is wrong (an unknown metric
+    with the nearest names, a syntax error with its column)."""
+    if not isinstance(text, str):
+        raise ValueError(f"fail_on rules must be strings, got {text!r}")
+    parser = _Parser(text)
+    tree = parser.parse()
+    known = metric_names()
+    groups: dict[str, None] = {}
+    for name in parser.names:
+        if name not in known:
+            near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+            raise ValueError(f"unknown metric {name!r}{hint}; metrics are the CSV/JSON row keys")
+        groups.update(dict.fromkeys(known[name]))
+    return FailOnRule(str(tree), tuple(parser.names), tuple(groups), tree)

@@ -14,6 +14,7 @@ from wwcli.loaders.interface import LayerSpec
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
+    from wwcli.diagnostics import LayerDiagnostics
     from wwcli.settings import RunSettings
 
 
@@ -35,6 +36,9 @@ class LayerResult:
     """The engine's numbers for it (the fit may have failed; see metrics.fit.status)."""
     spectrum: Spectrum | None = field(default=None, compare=False)
     """Its eigenvalues, when the run keeps them (RunSettings.keep_spectra) and they exist."""
+    diagnostics: LayerDiagnostics | None = None
+    """The optional diagnostics the run computed for it (MP fit, randomized ESD, detX, the
+    update W - W_base); None when the run asked for none."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,11 @@ class CheckpointReport:
     """Selected layers that were not analyzed, in id order."""
     source_files: tuple[str, ...] = field(default=(), compare=False)
     """Every file the checkpoint was read from (resolved): reports are never written over one."""
+    groups: tuple[str, ...] = ()
+    """The groups of optional columns the run computed (wwcli.diagnostics.run_groups): its rows
+    have those columns, and only those, beyond the built-in ones."""
+    base_unmatched: tuple[str, ...] = ()
+    """With --base: the names of the base checkpoint's layers that matched no analyzed layer."""
 
 
 @dataclass(frozen=True)
@@ -139,10 +148,13 @@ class Summary:
     """Number of selected layers not analyzed."""
     fits_failed: int
     """Number of analyzed layers whose power-law fit failed."""
-    over_trained: tuple[int, ...]
-    """Ids of the layers with the over-trained verdict."""
-    under_trained: tuple[int, ...]
-    """Ids of the layers with the under-trained verdict."""
+    very_heavy_tailed: tuple[int, ...]
+    """Ids of the very heavy-tailed layers (alpha below the line, 2 by default): a description
+    of the spectrum, not a finding of over-training. JSON: `very_heavy_tailed`, and under its
+    old key `over_trained` (keys are never removed)."""
+    light_tail: tuple[int, ...]
+    """Ids of the light-tailed layers (alpha above 6 by default). JSON: `light_tail`, and under
+    its old key `under_trained`."""
     means: dict[str, float]
     """Mean of each summary metric (weightwatcher's get_summary list) over successful fits."""
 
@@ -170,10 +182,10 @@ def summarize(report: CheckpointReport) -> Summary:
         layers_analyzed=len(report.layers),
         layers_skipped=len(report.skipped),
         fits_failed=len(report.layers) - len(fitted),
-        over_trained=tuple(
+        very_heavy_tailed=tuple(
             r.spec.layer_id for r in report.layers if r.metrics.verdict is Verdict.OVER_TRAINED
         ),
-        under_trained=tuple(
+        light_tail=tuple(
             r.spec.layer_id for r in report.layers if r.metrics.verdict is Verdict.UNDER_TRAINED
         ),
         means=means,

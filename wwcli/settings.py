@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from wwcli.diagnostics import Diagnostics
 from wwcli.engine.options import EngineOptions
 from wwcli.gate import GatePolicy
 from wwcli.selection import Term, parse_layers
@@ -41,14 +42,41 @@ class RunSettings:
     """What trips the exit-code gate."""
     keep_spectra: bool = False
     """Whether each analyzed layer's eigenvalues are kept in its result (for plots, --spectra)."""
+    diagnostics: Diagnostics = field(default_factory=Diagnostics)
+    """The optional diagnostics beyond the power-law fit (MP fit, randomized ESD, detX, the
+    update against a base checkpoint); all off by default."""
 
     def __post_init__(self) -> None:
         if self.layers is not None:
             parse_layers(self.layers)  # SelectionError now, not in the middle of a run
+        self._check_rules()
+
+    def _check_rules(self) -> None:
+        """ValueError for a --fail-on rule that names a metric this run does not compute."""
+        from wwcli.diagnostics import GROUP_OPTIONS
+        from wwcli.gate import metric_names, parse_fail_on
+
+        computed = self.groups()
+        known = metric_names()
+        for text in self.gate.fail_on:
+            rule = parse_fail_on(text)
+            for name in rule.names:
+                missing = [group for group in known[name] if group not in computed]
+                if missing:
+                    options = " and ".join(GROUP_OPTIONS[group] for group in missing)
+                    raise ValueError(
+                        f"--fail-on {rule.text}: {name} is computed only with {options}"
+                    )
 
     def terms(self) -> tuple[Term, ...]:
         """The parsed --layers expression (() selects every layer)."""
         return parse_layers(self.layers) if self.layers is not None else ()
+
+    def groups(self) -> tuple[str, ...]:
+        """The groups of optional columns this run computes (wwcli.diagnostics.run_groups)."""
+        from wwcli.diagnostics import run_groups
+
+        return run_groups(self.diagnostics, self.engine)
 
     def to_json(self) -> dict[str, Any]:
         """The settings as the JSON `options` object: every field, nested values flattened

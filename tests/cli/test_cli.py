@@ -39,18 +39,18 @@ def test_clean_model_exits_0_with_the_table_on_stdout() -> None:
     assert "gate:" not in result.stderr
 
 
-def test_over_trained_layer_exits_1_and_says_which_on_stderr() -> None:
+def test_very_heavy_tailed_layer_exits_1_and_says_which_on_stderr() -> None:
     result = invoke("analyze", HEAVY)
     assert result.exit_code == 1
-    assert "possibly over-trained" in result.stdout
+    assert "very heavy-tailed" in result.stdout and "over-trained" not in result.stdout
     assert "gate: " in result.stderr and "layer 1 dense_1: alpha 1.5" in result.stderr
     assert "gate:" not in result.stdout
 
 
-def test_over_trained_layer_with_exit_zero_exits_0() -> None:
+def test_very_heavy_tailed_layer_with_exit_zero_exits_0() -> None:
     result = invoke("analyze", HEAVY, "--exit-zero")
     assert result.exit_code == 0
-    assert "possibly over-trained" in result.stdout
+    assert "very heavy-tailed" in result.stdout
     assert "gate:" not in result.stderr
 
 
@@ -135,7 +135,7 @@ def test_csv_and_json_files_beside_the_table(tmp_path: Path) -> None:
     csv_path, json_path = tmp_path / "out.csv", tmp_path / "out.json"
     result = invoke("analyze", HEAVY, "--csv", csv_path, "--json", json_path)
     assert result.exit_code == 1
-    assert "possibly over-trained" in result.stdout
+    assert "very heavy-tailed" in result.stdout
     rows = list(csv.DictReader(csv_path.open()))
     document = json.loads(json_path.read_text())
     assert [row["layer_id"] for row in rows] == ["0", "1", "2"]

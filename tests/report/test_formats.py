@@ -37,7 +37,8 @@ def test_csv_has_the_header_then_one_exact_row_per_layer() -> None:
         f"model.keras,1,dense,dense,784,300,1,300,3.25,0.0625,0.25,0.5,4.0,12,4.0,4.0,10.0,"
         f"1.0,{log_spectral},{3.25 * math.log10(4.0)!r},2.5,2.5,0.75,300,success,,typical,"
     )
-    assert lines[2].split(",")[24:27] == ["success", "over-trained", "over-trained"]
+    # wwcli's verdict describes the tail; `warning` keeps weightwatcher's word for comparison.
+    assert lines[2].split(",")[24:27] == ["success", "over-trained", "very-heavy-tailed"]
     # A failed fit: NaN metrics are empty cells, the reason is in `message`.
     assert lines[3] == (
         f"model.keras,3,conv2d,conv2d,16,3,9,27,,,,,,,4.0,4.0,10.0,1.0,{log_spectral},,,2.5,"
@@ -107,16 +108,17 @@ def styled_lines(text: str) -> dict[str, set[str]]:
     return styles
 
 
-def test_table_highlights_over_trained_rows_in_bold_red_and_dims_failed_ones() -> None:
+def test_table_highlights_very_heavy_tailed_rows_in_bold_red_and_dims_failed_ones() -> None:
     text = render_analyze_table(sample_report(), width=200, color=True)  # type: ignore[arg-type]
     styles = styled_lines(text)
     assert {"1", "31"} <= styles["2"]  # the alpha < 2 row: bold (1) red (31)
     assert "31" not in styles["1"]  # a typical row is not red
     assert "2" in styles["3"]  # a failed fit is dim (2)
     plain = ANSI.sub("", text)
-    assert "possibly over-trained" in plain
+    assert "very heavy-tailed" in plain
+    assert "over-trained" not in plain  # no table calls a layer over-trained on alpha alone
     assert "fit failed: too few positive eigenvalues" in plain
-    assert "1 layer very heavy-tailed (alpha < 2), possibly over-trained: 2 dense_1" in plain
+    assert "1 layer very heavy-tailed (alpha < 2): 2 dense_1" in plain
     assert "skipped (no weights): 0 flatten" in plain
 
 
@@ -148,9 +150,7 @@ def test_table_fits_an_80_column_terminal() -> None:
 def test_the_summary_names_at_most_ten_layers_per_verdict() -> None:
     many = [result(spec(i, f"layer{i}", shape=(64, 64)), 1.5) for i in range(13)]
     text = render_analyze_table(report(many), width=400, color=False)
-    line = next(line for line in text.splitlines() if "very heavy-tailed" in line)
-    assert line.startswith(
-        "13 layers very heavy-tailed (alpha < 2), possibly over-trained: 0 layer0"
-    )
+    line = next(line for line in text.splitlines() if line.startswith("13 layers"))
+    assert line.startswith("13 layers very heavy-tailed (alpha < 2): 0 layer0")
     assert "9 layer9 (alpha 1.500), ... (+3)" in line
     assert "layer10" not in line

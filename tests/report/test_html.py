@@ -267,19 +267,19 @@ def test_rows_are_styled_by_verdict_as_in_the_terminal() -> None:
     )
     rows = [tr for tr in page.tags("tr") if tr.attrs.get("class", "").startswith("verdict-")]
     assert [tr.attrs["class"] for tr in rows] == [
-        "verdict-over-trained",
-        "verdict-under-trained",
+        "verdict-very-heavy-tailed",
+        "verdict-light-tail",
         "verdict-failed",
         "verdict-typical",
     ]
     style = page.texts["style"][0]
     assert re.search(
-        r"tr\.verdict-over-trained td \{[^}]*font-weight: 700;[^}]*color: #b3261e;", style
+        r"tr\.verdict-very-heavy-tailed td \{[^}]*font-weight: 700;[^}]*color: #b3261e;", style
     )
-    assert re.search(r"tr\.verdict-under-trained td \{[^}]*color: #7a5c00;", style)
+    assert re.search(r"tr\.verdict-light-tail td \{[^}]*color: #7a5c00;", style)
     assert re.search(r"tr\.verdict-failed td \{[^}]*color: #6e7781;", style)
     assert "verdict-typical td" not in style  # typical rows are plain, as in the terminal
-    assert verdict_class(Verdict.OVER_TRAINED) == "verdict-over-trained"
+    assert verdict_class(Verdict.OVER_TRAINED) == "verdict-very-heavy-tailed"
 
 
 def test_summary_skipped_layers_and_settings_are_shown() -> None:
@@ -454,8 +454,8 @@ def test_rows_are_styled_in_the_browser(browser: Chromium, tmp_path: Path) -> No
               .map(td => [getComputedStyle(td).fontWeight, getComputedStyle(td).color]))"""
         )
     )
-    assert styles[0] == ["700", "rgb(179, 38, 30)"]  # over-trained: bold red
-    assert styles[1][1] == "rgb(122, 92, 0)"  # under-trained: (dark) yellow
+    assert styles[0] == ["700", "rgb(179, 38, 30)"]  # very heavy-tailed: bold red
+    assert styles[1][1] == "rgb(122, 92, 0)"  # light tail: (dark) yellow
     assert styles[2][1] == "rgb(110, 119, 129)"  # failed: dim
     assert styles[3] == ["400", "rgb(31, 35, 40)"]  # typical: plain
 

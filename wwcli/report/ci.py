@@ -25,6 +25,7 @@ from wwcli import __version__
 from wwcli.engine.results import FitStatus, Verdict
 from wwcli.exit_codes import ExitCode
 from wwcli.gate import GateOutcome, Judgement, evaluate
+from wwcli.report.columns import VERDICT_VALUES, VERDICT_WORDS
 from wwcli.report.escape import printable
 from wwcli.results import CheckpointListing, CheckpointReport, LayerResult, RunResult
 
@@ -150,14 +151,14 @@ _RULES = (
     _Rule(
         "alpha-below-threshold",
         "AlphaBelowThreshold",
-        "The layer's power-law exponent alpha is below the gate's line: very heavy-tailed, "
-        "possibly over-trained.",
+        "The layer's power-law exponent alpha is below the gate's line: its spectrum is very "
+        "heavy-tailed (a description, not a finding of over-training).",
     ),
     _Rule(
         "alpha-above-threshold",
         "AlphaAboveThreshold",
-        "The layer's power-law exponent alpha is above the gate's line: light-tailed, "
-        "possibly under-trained.",
+        "The layer's power-law exponent alpha is above the gate's line: its spectrum has a "
+        "light tail.",
     ),
     _Rule(
         "alpha-dropped-since-baseline",
@@ -165,6 +166,11 @@ _RULES = (
         "The layer's alpha fell by more than the allowed amount since the baseline report.",
     ),
     _Rule("failed-fit", "FailedFit", "No power-law exponent could be fitted to the layer's ESD."),
+    _Rule(
+        "fail-on-rule",
+        "FailOnRule",
+        "The layer's metrics satisfy a --fail-on rule of the gate (the rule is in the message).",
+    ),
     _Rule("gate-tripped", "GateTripped", "The layer tripped the gate."),
 )
 
@@ -172,7 +178,9 @@ _RULES = (
 def _rule_for(row: _Row) -> _Rule:
     """The kind of a trip, from the layer's fit and the gate's reason."""
     reason = row.judgement.reason
-    if row.result.metrics.fit.status is not FitStatus.SUCCESS:
+    if reason.startswith("fail-on "):
+        rule_id = "fail-on-rule"
+    elif row.result.metrics.fit.status is not FitStatus.SUCCESS:
         rule_id = "failed-fit"
     elif "dropped by" in reason:
         rule_id = "alpha-dropped-since-baseline"
@@ -358,7 +366,7 @@ class JunitFormatter:
                 {
                     "alpha": _alpha(row.result),
                     "layer_type": judgement.layer_type,
-                    "verdict": row.result.metrics.verdict.value,
+                    "verdict": VERDICT_VALUES[row.result.metrics.verdict],
                     "policy": judgement.policy or "not gated",
                 },
             )
@@ -496,7 +504,7 @@ class MarkdownFormatter:
     @staticmethod
     def _verdict(row: _Row) -> str:
         verdict = row.result.metrics.verdict
-        text = _md(row.result.metrics.warning or verdict.value)
+        text = _md(VERDICT_WORDS[verdict])
         return f"**{text}**" if verdict is Verdict.OVER_TRAINED else text
 
     @staticmethod

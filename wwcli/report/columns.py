@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+import numbers
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -26,12 +27,24 @@ Row = dict[str, Value]
 Item = TypeVar("Item", LayerResult, ListedLayer)
 
 VERDICT_WORDS: dict[Verdict, str] = {
-    Verdict.OVER_TRAINED: "possibly over-trained",
-    Verdict.UNDER_TRAINED: "possibly under-trained",
+    Verdict.OVER_TRAINED: "very heavy-tailed",
+    Verdict.UNDER_TRAINED: "light tail",
     Verdict.TYPICAL: "typical",
     Verdict.FAILED: "fit failed",
 }
-"""How the table words a verdict: a heuristic, so the words stay modest."""
+"""How people read wwcli's label for a layer's alpha: a description of its spectrum's tail
+(alpha < 2, alpha > 6 by default), never a finding of over- or under-training, which alpha alone
+does not support (README, "What alpha does not tell you"). The `warning` column keeps
+weightwatcher's own words for comparison."""
+
+VERDICT_VALUES: dict[Verdict, str] = {
+    Verdict.OVER_TRAINED: "very-heavy-tailed",
+    Verdict.UNDER_TRAINED: "light-tail",
+    Verdict.TYPICAL: "typical",
+    Verdict.FAILED: "failed",
+}
+"""The `verdict` value of CSV and JSON rows (and of HTML row classes). Before 0.2 they were
+"over-trained" and "under-trained"; weightwatcher's words are still in the `warning` column."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,13 @@ class Column(Generic[Item]):
     """The value, from the checkpoint label and the layer (floats: NaN becomes null/empty)."""
     table: TableView[Item] | None = None
     """How the terminal table shows it; None: rows only."""
+    groups: tuple[str, ...] = ()
+    """The optional groups it belongs to (wwcli/diagnostics.py): it is in a run's rows and table
+    only when the run computed all of them; () for the built-in columns, always there."""
+
+    def shown_with(self, groups: Collection[str]) -> bool:
+        """Whether a run that computed `groups` has this column."""
+        return all(group in groups for group in self.groups)
 
 
 def number(value: float, digits: int = 3) -> str:
@@ -107,6 +127,67 @@ def _shown(name: str) -> Callable[[LayerResult], str]:
 
 def _shown_fit(name: str) -> Callable[[LayerResult], str]:
     return lambda result: number(getattr(result.metrics.fit, name))
+
+
+def _metric_or_none(name: str) -> Callable[[str, LayerResult], Value]:
+    # Optional engine fields (None when the option that computes them is off).
+    return lambda _, result: getattr(result.metrics, name, None)
+
+
+def _tail_test(name: str) -> Callable[[str, LayerResult], Value]:
+    def value(_: str, result: LayerResult) -> Value:
+        tests = getattr(result.metrics, "tail_tests", None)
+        return None if tests is None else getattr(tests, name)
+
+    return value
+
+
+def _diagnostic(group: str, name: str) -> Callable[[str, LayerResult], Value]:
+    """A field of one of the layer's diagnostic groups (None when the layer has not got it)."""
+
+    def value(_: str, result: LayerResult) -> Value:
+        found = getattr(result.diagnostics, group, None) if result.diagnostics else None
+        if found is None:
+            return None
+        item = getattr(found, name)
+        return item if item is None or isinstance(item, str | bool | float) else _plain(item)
+
+    return value
+
+
+def _plain(item: object) -> Value:
+    # numpy scalars from the engine modules become Python numbers (JSON, CSV repr).
+    if isinstance(item, numbers.Integral):
+        return int(item)
+    if isinstance(item, numbers.Real):
+        return float(item)
+    return str(item)
+
+
+def _shown_count(group: str, name: str) -> Callable[[LayerResult], str]:
+    get = _diagnostic(group, name)
+    return lambda result: "-" if (value := get("", result)) is None else str(value)
+
+
+def _shown_number(group: str, name: str) -> Callable[[LayerResult], str]:
+    get = _diagnostic(group, name)
+
+    def cell(result: LayerResult) -> str:
+        value = get("", result)
+        return "-" if value is None else number(float(value))
+
+    return cell
+
+
+def _group_columns(
+    groups: str | tuple[str, ...],
+    columns: list[tuple[str, Callable[[str, LayerResult], Value]]],
+    views: dict[str, TableView[LayerResult]] | None = None,
+) -> list[Column[LayerResult]]:
+    """The columns of an optional group (or of the groups all of which they need)."""
+    needed = (groups,) if isinstance(groups, str) else groups
+    views = views or {}
+    return [Column(key, value, views.get(key), needed) for key, value in columns]
 
 
 View = TableView[LayerResult]
@@ -159,12 +240,93 @@ ANALYZE_REGISTRY: list[Column[LayerResult]] = [
     Column("warning", _metric("warning")),
     Column(
         "verdict",
-        lambda _, r: r.metrics.verdict.value,
+        lambda _, r: VERDICT_VALUES[r.metrics.verdict],
         View("verdict", _verdict_cell, 12, 1, numeric=False),
     ),
     Column("message", _fit("message")),
+    # --- optional groups: in a run's rows only when it computed them (wwcli/diagnostics.py) ---
+    *_group_columns(
+        "fingers",
+        [
+            ("num_fingers", _metric_or_none("num_fingers")),
+            ("raw_alpha", _metric_or_none("raw_alpha")),
+        ],
+    ),
+    *_group_columns("tpl", [("Lambda", _metric_or_none("Lambda"))]),
+    *_group_columns(
+        "tail_tests",
+        [
+            (key, _tail_test(key))
+            for key in ("R_lognormal", "p_lognormal", "R_exponential", "p_exponential")
+        ]
+        + [("tail_tests_message", _tail_test("message"))],
+    ),
+    *_group_columns(
+        "mp",
+        [
+            (key, _diagnostic("mp", key))
+            for key in ("num_spikes", "sigma_mp", "bulk_max", "bulk_min", "mp_softrank", "W_scale")
+        ]
+        + [("mp_message", _diagnostic("mp", "message"))],
+        {"num_spikes": View("num_spikes", _shown_count("mp", "num_spikes"), 9.5, 2)},
+    ),
+    *_group_columns(
+        "random",
+        [
+            (key, _diagnostic("random", key))
+            for key in (
+                "max_rand_eval",
+                "rand_distance",
+                "ww_softrank",
+                "ww_maxdist",
+                "rand_num_spikes",
+                "num_traps",
+                "rand_sigma_mp",
+                "rand_mp_softrank",
+                "rand_W_scale",
+                "rand_bulk_max",
+                "rand_bulk_min",
+            )
+        ]
+        + [("rand_message", _diagnostic("random", "message"))],
+        {"num_traps": View("traps", _shown_count("random", "num_traps"), 9.6, 2)},
+    ),
+    *_group_columns(
+        "detx",
+        [
+            (key, _diagnostic("detx", key))
+            for key in ("detX_num", "detX_val", "detX_val_unrescaled", "ERG_gap")
+        ]
+        + [("detx_message", _diagnostic("detx", "message"))],
+    ),
+    *_group_columns(
+        "delta",
+        [
+            ("delta_base", _diagnostic("delta", "base_name")),
+            ("delta_alpha", _diagnostic("delta", "alpha")),
+            ("delta_D", _diagnostic("delta", "D")),
+            ("delta_num_pl_spikes", _diagnostic("delta", "num_pl_spikes")),
+        ],
+        {"delta_alpha": View("delta_alpha", _shown_number("delta", "alpha"), 11.5, 2)},
+    ),
+    *_group_columns(("delta", "mp"), [("delta_num_spikes", _diagnostic("delta", "num_spikes"))]),
+    *_group_columns(
+        "delta",
+        [
+            ("delta_norm", _diagnostic("delta", "norm")),
+            ("delta_spectral_norm", _diagnostic("delta", "spectral_norm")),
+            ("delta_message", _diagnostic("delta", "message")),
+        ],
+    ),
+    *_group_columns(
+        "evidence",
+        [
+            ("evidence_verdict", _diagnostic("evidence", "verdict")),
+            ("evidence", _diagnostic("evidence", "reasons")),
+        ],
+    ),
 ]
-"""Every column of `analyze`, in row order."""
+"""Every column of `analyze`, in row order: the built-in ones, then the optional groups."""
 
 
 def _reason(listed: ListedLayer) -> str:
@@ -222,25 +384,36 @@ DESCRIBE_REGISTRY: list[Column[ListedLayer]] = [
 """Every column of `describe`, in row order."""
 
 
-def row_keys(registry: list[Column[Item]]) -> tuple[str, ...]:
-    """The row keys of a registry, in order (the CSV header)."""
-    return tuple(column.key for column in registry if column.key is not None)
+def row_keys(registry: list[Column[Item]], groups: Collection[str] = ()) -> tuple[str, ...]:
+    """The row keys of a registry for a run that computed `groups`, in order (the CSV header)."""
+    return tuple(
+        column.key for column in registry if column.key is not None and column.shown_with(groups)
+    )
 
 
-def make_row(registry: list[Column[Item]], checkpoint: str, item: Item) -> Row:
-    """One layer as a row of the registry's keys; non-finite floats become None."""
+def make_row(
+    registry: list[Column[Item]], checkpoint: str, item: Item, groups: Collection[str] = ()
+) -> Row:
+    """One layer as a row of the registry's keys (the built-in ones, and those of the optional
+    `groups` the run computed); non-finite floats become None."""
     row: Row = {}
     for column in registry:
-        if column.key is None:
+        if column.key is None or not column.shown_with(groups):
             continue
         value = column.value(checkpoint, item)
         row[column.key] = finite_or_none(float(value)) if isinstance(value, float) else value
     return row
 
 
-def table_views(registry: list[Column[Item]]) -> list[TableView[Item]]:
-    """The table's columns, left to right."""
-    views = [column.table for column in registry if column.table is not None]
+def table_views(
+    registry: list[Column[Item]], groups: Collection[str] = ()
+) -> list[TableView[Item]]:
+    """The table's columns, left to right (optional groups' only when the run computed them)."""
+    views = [
+        column.table
+        for column in registry
+        if column.table is not None and column.shown_with(groups)
+    ]
     return sorted(views, key=lambda view: view.order)
 
 

@@ -24,8 +24,15 @@ from dataclasses import dataclass, field
 
 from wwcli import __version__
 from wwcli.engine.results import Verdict
-from wwcli.report.columns import ANALYZE_REGISTRY, VERDICT_WORDS, TableView, table_views
+from wwcli.report.columns import (
+    ANALYZE_REGISTRY,
+    VERDICT_VALUES,
+    VERDICT_WORDS,
+    TableView,
+    table_views,
+)
 from wwcli.report.escape import printable
+from wwcli.report.rows import run_groups
 from wwcli.report.table import VERDICT_STYLES, summary_lines
 from wwcli.results import CheckpointReport, InputFailure, LayerResult, RunResult, SkippedLayer
 
@@ -97,9 +104,9 @@ class ReportImages:
 
 
 def verdict_class(verdict: Verdict) -> str:
-    """The CSS class of a row with this verdict ("verdict-over-trained"): from the enum, never
-    from a file."""
-    return f"verdict-{verdict.value}"
+    """The CSS class of a row with this verdict ("verdict-very-heavy-tailed", the row's
+    `verdict` value): from the enum, never from a file."""
+    return f"verdict-{VERDICT_VALUES[verdict]}"
 
 
 def _css() -> str:
@@ -296,7 +303,7 @@ def render_html(run: RunResult, images: ReportImages, *, title: str = "wwcli rep
     table of analyzed layers (rows styled by verdict, names linking to their ESD plots),
     skipped layers and ESD plots; then unreadable inputs and the run's settings. Deterministic:
     the same run and images give the same text. ValueError if an image is not a PNG."""
-    views = table_views(ANALYZE_REGISTRY)
+    views = table_views(ANALYZE_REGISTRY, run_groups(run.reports))
     body: list[str] = []
     for index, report in enumerate(run.reports):
         body.extend(_checkpoint_section(report, _Anchors(index), images, views))

@@ -83,7 +83,7 @@ class CsvFormatter:
         from wwcli.report.csv import render_csv
         from wwcli.report.rows import analyze_columns, analyze_rows
 
-        return render_csv(analyze_rows(report), analyze_columns())
+        return render_csv(analyze_rows(report), analyze_columns([report]))
 
     def render(self, run: RunResult) -> str:
         """Every analyzed layer of the run."""
@@ -91,7 +91,7 @@ class CsvFormatter:
         from wwcli.report.rows import analyze_columns, analyze_rows
 
         rows = [row for report in run.reports for row in analyze_rows(report)]
-        return render_csv(rows, analyze_columns())
+        return render_csv(rows, analyze_columns(run.reports))
 
     def render_listings(self, listings: Sequence[CheckpointListing]) -> str:
         """Every listed layer."""

@@ -18,8 +18,11 @@ def summary_object(summary: Summary) -> dict[str, Any]:
         "layers_analyzed": summary.layers_analyzed,
         "layers_skipped": summary.layers_skipped,
         "fits_failed": summary.fits_failed,
-        "over_trained": list(summary.over_trained),
-        "under_trained": list(summary.under_trained),
+        # The old keys stay (keys are never removed): the same ids as the two that follow.
+        "over_trained": list(summary.very_heavy_tailed),
+        "under_trained": list(summary.light_tail),
+        "very_heavy_tailed": list(summary.very_heavy_tailed),
+        "light_tail": list(summary.light_tail),
         **{name: finite_or_none(value) for name, value in summary.means.items()},
     }
 

@@ -78,7 +78,8 @@ VERDICT_COLORS: dict[Verdict, str] = {
     Verdict.TYPICAL: "#1f77b4",
     Verdict.FAILED: "#7f7f7f",
 }
-"""How a verdict is coloured: red over-trained, orange under-trained, blue typical, grey failed."""
+"""How a verdict is coloured: red very heavy-tailed (alpha < 2), orange light tail (alpha > 6),
+blue typical, grey failed."""
 
 _ESD_SIZE = (12.0, 4.5)
 _OVERVIEW_SIZE = (12.0, 7.5)

@@ -3,6 +3,8 @@ weightwatcher's column names, one row per layer."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from wwcli.report.columns import (
     ANALYZE_REGISTRY,
     DESCRIBE_REGISTRY,
@@ -22,6 +24,7 @@ __all__ = [
     "analyze_rows",
     "describe_columns",
     "listing_rows",
+    "run_groups",
 ]
 
 ANALYZE_COLUMNS: tuple[str, ...] = row_keys(ANALYZE_REGISTRY)
@@ -31,9 +34,18 @@ DESCRIBE_COLUMNS: tuple[str, ...] = row_keys(DESCRIBE_REGISTRY)
 """The built-in columns of a describe row, in order."""
 
 
-def analyze_columns() -> tuple[str, ...]:
-    """The columns of an analyze row now (the registry may have grown since import)."""
-    return row_keys(ANALYZE_REGISTRY)
+def run_groups(reports: Sequence[CheckpointReport]) -> tuple[str, ...]:
+    """The optional groups any of the reports computed (a run's reports share its settings)."""
+    groups: dict[str, None] = {}
+    for report in reports:
+        groups.update(dict.fromkeys(report.groups))
+    return tuple(groups)
+
+
+def analyze_columns(reports: Sequence[CheckpointReport] = ()) -> tuple[str, ...]:
+    """The columns of an analyze row now (the registry may have grown since import): the
+    built-in ones, and those of the optional groups the reports computed, in registry order."""
+    return row_keys(ANALYZE_REGISTRY, run_groups(reports))
 
 
 def describe_columns() -> tuple[str, ...]:
@@ -43,7 +55,10 @@ def describe_columns() -> tuple[str, ...]:
 
 def analyze_rows(report: CheckpointReport) -> list[Row]:
     """Every analyzed layer of a report, as rows."""
-    return [make_row(ANALYZE_REGISTRY, report.checkpoint, result) for result in report.layers]
+    return [
+        make_row(ANALYZE_REGISTRY, report.checkpoint, result, report.groups)
+        for result in report.layers
+    ]
 
 
 def listing_rows(listing: CheckpointListing) -> list[Row]:

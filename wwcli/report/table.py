@@ -230,17 +230,47 @@ def summary_lines(report: CheckpointReport, summary: Summary | None = None) -> l
         )
         return shown + (f", ... (+{len(ids) - limit})" if len(ids) > limit else "")
 
-    if summary.over_trained:
+    if summary.very_heavy_tailed:
         lines.append(
-            f"{_count(len(summary.over_trained), 'layer')} very heavy-tailed (alpha < 2), "
-            f"possibly over-trained: {named(summary.over_trained)}"
+            f"{_count(len(summary.very_heavy_tailed), 'layer')} very heavy-tailed "
+            f"(alpha < 2): {named(summary.very_heavy_tailed)}"
         )
-    if summary.under_trained:
+    if summary.light_tail:
         lines.append(
-            f"{_count(len(summary.under_trained), 'layer')} light-tailed (alpha > 6), "
-            f"possibly under-trained: {named(summary.under_trained)}"
+            f"{_count(len(summary.light_tail), 'layer')} with a light tail (alpha > 6): "
+            f"{named(summary.light_tail)}"
         )
     lines.extend(_skipped_lines(report.skipped))
+    lines.extend(_base_lines(report))
+    return lines
+
+
+def _base_lines(report: CheckpointReport, limit: int = 8) -> list[str]:
+    """With --base: the layers it had no match for, and the base's layers this one lacks."""
+    if "delta" not in report.groups:
+        return []
+    lines = []
+    unmatched = [
+        result
+        for result in report.layers
+        if result.diagnostics is not None
+        and result.diagnostics.delta is not None
+        and result.diagnostics.delta.base_name is None
+    ]
+    if unmatched:
+        shown = ", ".join(f"{r.spec.layer_id} {r.spec.name}" for r in unmatched[:limit])
+        more = f", ... (+{len(unmatched) - limit})" if len(unmatched) > limit else ""
+        lines.append(
+            f"note: {_count(len(unmatched), 'layer')} with no layer of the same name and shape "
+            f"in the base (no delta_* numbers): {shown}{more}"
+        )
+    if report.base_unmatched:
+        names = report.base_unmatched
+        more = f", ... (+{len(names) - limit})" if len(names) > limit else ""
+        lines.append(
+            f"note: {_count(len(names), 'layer')} of the base not in this checkpoint: "
+            f"{', '.join(names[:limit])}{more}"
+        )
     return lines
 
 
@@ -259,7 +289,7 @@ def render_analyze_table(report: CheckpointReport, *, width: int, color: bool) -
             console,
             buffer,
             title,
-            table_views(ANALYZE_REGISTRY),
+            table_views(ANALYZE_REGISTRY, report.groups),
             report.layers,
             [VERDICT_STYLES[result.metrics.verdict] or None for result in report.layers],
             width,
