@@ -9,6 +9,7 @@ weights give a failed result with a reason, never an exception.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from wwcli.engine.esd import (
     pooled_eigenvalues,
     svd_matrix_rank,
 )
+from wwcli.engine.fingers import ClippedFit, clip_xmax_fit
 from wwcli.engine.metrics import (
     layer_metrics,
     matrix_entropy,
@@ -35,21 +37,24 @@ from wwcli.engine.metrics import (
 )
 from wwcli.engine.options import EngineOptions
 from wwcli.engine.powerlaw import fit_power_law, ks_distances, tail_alphas
-from wwcli.engine.results import FitStatus, LayerMetrics, PowerLawFit, Verdict
+from wwcli.engine.results import FitStatus, LayerMetrics, PowerLawFit, TailTests, Verdict
 
 __all__ = [
     "CONV2D_NORM_FACTOR",
     "DEFAULT_OPTIONS",
+    "ClippedFit",
     "EngineOptions",
     "FitStatus",
     "LayerMetrics",
     "PowerLawFit",
+    "TailTests",
     "Verdict",
     "analyze_layer",
     "analyze_layer_spectrum",
     "as_real_matrix",
     "check_backend",
     "check_size",
+    "clip_xmax_fit",
     "eigenvalues",
     "fit_power_law",
     "gram_noise_floor",
@@ -206,6 +211,9 @@ def analyze_layer_spectrum(
         )
     else:
         fit = fit_power_law(values, threshold=threshold)
+    extras: dict[str, Any] | None = None
+    if options.fix_fingers != "none" or options.fit != "power_law" or options.tail_tests:
+        fit, extras = _fit_options(values, fit, threshold=threshold, options=options)
     # The Gram cannot tell its smallest eigenvalues from zero; weightwatcher's rank can (it
     # counts singular values down to sv_max * N * eps). Near-singular layers only pay an SVD.
     rank = None
@@ -222,4 +230,28 @@ def analyze_layer_spectrum(
         over_trained_below=options.over_trained_below,
         under_trained_above=options.under_trained_above,
     )
+    if extras:
+        metrics = dataclasses.replace(metrics, **extras)
     return metrics, values
+
+
+def _fit_options(
+    values: NDArray[np.float64], fit: PowerLawFit, *, threshold: float, options: EngineOptions
+) -> tuple[PowerLawFit, dict[str, Any]]:
+    """The fit that `options` ask for in place of the plain power law `fit` of `values`, and the
+    LayerMetrics fields it adds (num_fingers and raw_alpha, Lambda, tail_tests).
+
+    weightwatcher 0.7.7's combinations: clip_xmax refits without the top eigenvalues
+    (``fingers``); fit='tpl' alone is ``tpl.tpl_fit``; both together keep the clipped power
+    law's xmin, D and sigma, with the TPL's alpha and Lambda fitted at that xmin on the clipped
+    data (its ``fit_powerlaw`` with pl_package='powerlaw'). The tail tests run on the final
+    fit's tail.
+    """
+    extras: dict[str, Any] = {}
+    if options.fit != "power_law" or options.tail_tests:
+        raise ValueError("fit='tpl' and tail_tests are not available yet")
+    result = clip_xmax_fit(values, threshold=threshold, raw_fit=fit)
+    extras["num_fingers"] = result.num_fingers
+    extras["raw_alpha"] = result.raw_fit.alpha
+    fit = result.fit
+    return fit, extras

@@ -1,4 +1,5 @@
-"""The engine's options: size filter, fit threshold, verdict thresholds and numerical backend."""
+"""The engine's options: size filter, fit threshold and kind, verdict thresholds and numerical
+backend."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ from typing import Literal
 
 Backend = Literal["numpy", "torch"]
 Precision = Literal["float64", "float32"]
+FixFingers = Literal["none", "clip_xmax"]
+"""weightwatcher's `fix_fingers`: "none" (its default) or "clip_xmax" (refit with the top
+eigenvalues removed, ``fingers.clip_xmax_fit``)."""
+FitKind = Literal["power_law", "tpl"]
+"""The law fitted to the tail: "power_law" (weightwatcher's default WWFit) or "tpl" (its
+`fit='TPL'`: a truncated power law through the `powerlaw` package, ``tpl.tpl_fit``)."""
 Conv1DMode = Literal["pooled", "weightwatcher"]
 """How a Conv1D kernel becomes a spectrum: "pooled" (wwcli's default: the k slices of
 in x out pooled, M * k eigenvalues) or "weightwatcher" (0.7.7's: the kernel as stored cut along
@@ -64,6 +71,15 @@ class EngineOptions:
     0.7.7's numbers for them (the analysis layer re-sizes the layer and hands the engine its
     matrices, see ``analyze_layer_spectrum(weightwatcher_conv1d=True)``); other layers are
     unaffected."""
+    fix_fingers: FixFingers = "none"
+    """"clip_xmax": weightwatcher 0.7.7's `fix_fingers='clip_xmax'`; alpha and every metric
+    derived from it become the clipped fit's, and the layer gains num_fingers and raw_alpha."""
+    fit: FitKind = "power_law"
+    """"tpl": weightwatcher 0.7.7's `fit='TPL'` (with `pl_package='powerlaw'`); alpha is the
+    truncated power law's and the layer gains Lambda. Needs `powerlaw` 1.5; slow."""
+    tail_tests: bool = False
+    """Likelihood-ratio tests (`powerlaw` 1.5) of the tail the fit chose: power law vs lognormal
+    and vs exponential (``tpl.tail_tests``). Needs `powerlaw`."""
 
     def __post_init__(self) -> None:
         _check_int("min_evals", self.min_evals, minimum=0)
@@ -96,3 +112,9 @@ class EngineOptions:
             _check_int("torch_eigh_min_order", self.torch_eigh_min_order, minimum=1)
         if self.conv1d not in ("pooled", "weightwatcher"):
             raise ValueError(f"conv1d must be 'pooled' or 'weightwatcher', got {self.conv1d!r}")
+        if self.fix_fingers not in ("none", "clip_xmax"):
+            raise ValueError(f"fix_fingers must be 'none' or 'clip_xmax', got {self.fix_fingers!r}")
+        if self.fit not in ("power_law", "tpl"):
+            raise ValueError(f"fit must be 'power_law' or 'tpl', got {self.fit!r}")
+        if not isinstance(self.tail_tests, bool):
+            raise ValueError(f"tail_tests must be a bool, got {self.tail_tests!r}")

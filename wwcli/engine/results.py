@@ -56,6 +56,34 @@ class PowerLawFit:
 
 
 @dataclass(frozen=True)
+class TailTests:
+    """Likelihood-ratio tests of the fitted tail (``powerlaw`` 1.5's
+    ``Fit.distribution_compare(..., normalized_ratio=True)``): is a power law a better description
+    of the eigenvalues >= xmin than a lognormal, or an exponential?
+
+    R > 0 favours the power law, R < 0 the alternative; p is the significance of R's sign (small:
+    the sign is meaningful; large: the data cannot tell the two apart). R is normalized
+    (R / sqrt(n variance)). NaN numbers with a `message` when the test could not run."""
+
+    R_lognormal: float
+    """Normalized log-likelihood ratio, power law vs lognormal."""
+    p_lognormal: float
+    """Its p-value."""
+    R_exponential: float
+    """Normalized log-likelihood ratio, power law vs exponential."""
+    p_exponential: float
+    """Its p-value."""
+    message: str = ""
+    """Why the tests did not run; "" when they did."""
+
+    @classmethod
+    def failed(cls, message: str) -> TailTests:
+        """Tests that could not run: NaN numbers, and why."""
+        nan = math.nan
+        return cls(nan, nan, nan, nan, message)
+
+
+@dataclass(frozen=True)
 class LayerMetrics:
     """Everything the engine computes for one layer's (pooled) spectrum."""
 
@@ -92,6 +120,15 @@ class LayerMetrics:
     warning: str
     """weightwatcher's label for comparison: "over-trained", "under-trained" or "" (also "" when
     the fit failed: weightwatcher would call such a layer over-trained, which is a defect)."""
+    num_fingers: int | None = None
+    """fix_fingers='clip_xmax' only: weightwatcher's count of clipped top eigenvalues (k - 1
+    when the fit without the top k was kept; 0 when the unclipped fit was kept)."""
+    raw_alpha: float | None = None
+    """fix_fingers='clip_xmax' only: alpha of the unclipped fit (NaN when it failed)."""
+    Lambda: float | None = None
+    """fit='tpl' only: the truncated power law's exponential cutoff rate (NaN when failed)."""
+    tail_tests: TailTests | None = None
+    """tail_tests only: the likelihood-ratio tests of the fitted tail."""
 
     @property
     def alpha(self) -> float:
