@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 no layer tripped the gate; 1 the gate tripped (a layer with alpha below "
-    "--fail-below, above --fail-above, or a failed fit with --fail-on-failed-fit); 2 usage "
+    "--fail-below, above --fail-above, a failed fit with --fail-on-failed-fit, or metrics that "
+    "satisfy a --fail-on rule); 2 usage "
     "error, or an input that is missing, unreadable, unsupported or unsafe."
 )
 
@@ -155,7 +156,9 @@ app = typer.Typer(
     help=(
         "Heavy-tailed spectral diagnostics for saved neural-network checkpoints: the power-law "
         "exponent alpha of every weight matrix's eigenvalue spectrum, as weightwatcher 0.7.7 "
-        "computes it. alpha < 2 marks a very heavy-tailed layer, possibly over-trained.\n\n"
+        "computes it, and optional diagnostics beyond it (MP bulk, randomized spectra, the "
+        "update against a base checkpoint). alpha < 2 marks a very heavy-tailed layer: a "
+        "description of its spectrum, not evidence of over-training by itself.\n\n"
         + EXIT_CODES_HELP
     ),
     no_args_is_help=True,
@@ -167,6 +170,8 @@ app = typer.Typer(
 
 INPUT, SELECTION, ENGINE, GATE, OUTPUT = "Input", "Selection", "Engine", "Gate", "Output"
 """The --help panels options are grouped in."""
+DIAGNOSTICS = "Diagnostics"
+"""The --help panel of the optional diagnostics beyond alpha (wwcli/diagnostics.py)."""
 
 
 class OutputFormat(enum.StrEnum):
@@ -393,6 +398,138 @@ SpectraOption = Annotated[
 ]
 
 
+# --- Diagnostics beyond alpha (wwcli/diagnostics.py); all off by default ---------------------
+
+
+class FixFingers(enum.StrEnum):
+    """weightwatcher's fix_fingers."""
+
+    none = "none"
+    clip_xmax = "clip_xmax"
+
+
+class FitKind(enum.StrEnum):
+    """The law fitted to the tail."""
+
+    power_law = "power_law"
+    tpl = "tpl"
+
+
+MpFitOption = Annotated[
+    bool,
+    typer.Option(
+        "--mp-fit",
+        help="Fit the Marchenko-Pastur bulk (weightwatcher's mp_fit=True): num_spikes, "
+        "sigma_mp, bulk_max, bulk_min, mp_softrank, W_scale.",
+        rich_help_panel=DIAGNOSTICS,
+    ),
+]
+RandomizeOption = Annotated[
+    bool,
+    typer.Option(
+        "--randomize",
+        help="Permute each layer's elements and compare the spectra (weightwatcher's "
+        "randomize=True): rand_distance, num_traps (correlation traps), ww_softrank, ...",
+        rich_help_panel=DIAGNOSTICS,
+    ),
+]
+SeedOption = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        min=0,
+        metavar="N",
+        help="Seed of --randomize's permutations (each layer's from the seed and its name: "
+        "the same numbers whatever --jobs or --layers).",
+        rich_help_panel=DIAGNOSTICS,
+    ),
+]
+FixFingersOption = Annotated[
+    FixFingers,
+    typer.Option(
+        "--fix-fingers",
+        help="clip_xmax: weightwatcher's fix_fingers='clip_xmax' (refit with outlying top "
+        "eigenvalues clipped; alpha becomes that fit's, raw_alpha and num_fingers beside).",
+        rich_help_panel=DIAGNOSTICS,
+    ),
+]
+FitOption = Annotated[
+    FitKind,
+    typer.Option(
+        "--fit",
+        help="tpl: fit a truncated power law (weightwatcher's fit='TPL', through the powerlaw "
+        "package); alpha becomes its exponent, Lambda its cutoff. Slow: seconds per layer.",
+        rich_help_panel=DIAGNOSTICS,
+    ),
+]
+TailTestsOption = Annotated[
+    bool,
+    typer.Option(
+        "--tail-tests",
+        help="Likelihood-ratio tests of the fitted tail, power law vs lognormal and vs "
+        "exponential (R, p; powerlaw package): is a power law a credible description at all?",
+        rich_help_panel=DIAGNOSTICS,
+    ),
+]
+DetxOption = Annotated[
+    bool,
+    typer.Option(
+        "--detx",
+        help="ERG / detX (weightwatcher's detX=True): detX_num, detX_val, ERG_gap.",
+        rich_help_panel=DIAGNOSTICS,
+    ),
+]
+BaseOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--base",
+        metavar="CKPT",
+        help="A base checkpoint (the initial weights, or the model before a fine-tune): the "
+        "update W - W_base of every layer matched by name and shape is analyzed too "
+        "(delta_alpha, delta_num_pl_spikes, delta_norm, ...; with --mp-fit delta_num_spikes).",
+        show_default=False,
+        rich_help_panel=DIAGNOSTICS,
+    ),
+]
+AllDiagnosticsOption = Annotated[
+    bool,
+    typer.Option(
+        "--all-diagnostics",
+        help="Every diagnostic that is not slow and leaves alpha as it is: --mp-fit "
+        "--randomize --detx --tail-tests (not --fit tpl, not --fix-fingers, not --base).",
+        rich_help_panel=DIAGNOSTICS,
+    ),
+]
+FailOnOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--fail-on",
+        metavar="EXPR",
+        help="Exit 1 when a gated layer's metrics satisfy EXPR: comparisons of row keys "
+        "(alpha, D, num_spikes, num_traps, delta_alpha, ...) with numbers, and/or/not, "
+        "parentheses: 'alpha < 2 and num_spikes > 10'. Repeatable (any trips). Replaces the "
+        "default --fail-below 2 unless --fail-below is given.",
+        show_default=False,
+        rich_help_panel=GATE,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class DiagnosticChoices:
+    """The Diagnostics panel's options as given."""
+
+    mp_fit: bool = False
+    randomize: bool = False
+    seed: int = 0
+    fix_fingers: FixFingers = FixFingers.none
+    fit: FitKind = FitKind.power_law
+    tail_tests: bool = False
+    detx: bool = False
+    base: Path | None = None
+    all_diagnostics: bool = False
+
+
 # --- People-facing text, errors and signals ----------------------------------------------------
 
 
@@ -551,14 +688,25 @@ def settings_from_cli(
     exit_zero: bool = False,
     keep_spectra: bool = False,
     gate: GatePolicy | None = None,
+    diagnostics: DiagnosticChoices | None = None,
 ) -> RunSettings:
     """The command line's options as one RunSettings (`gate`, when given, replaces the four
     simple gate options); UsageError for values that do not fit together (the message names
     the options)."""
+    from wwcli.diagnostics import Diagnostics
     from wwcli.engine.options import EngineOptions
     from wwcli.gate import GatePolicy
     from wwcli.settings import RunSettings
 
+    chosen = diagnostics or DiagnosticChoices()
+    every = chosen.all_diagnostics
+    engine_extras: dict[str, Any] = {}
+    if chosen.fix_fingers is not FixFingers.none:
+        engine_extras["fix_fingers"] = chosen.fix_fingers.value
+    if chosen.fit is not FitKind.power_law:
+        engine_extras["fit"] = chosen.fit.value
+    if chosen.tail_tests or every:
+        engine_extras["tail_tests"] = True
     try:
         engine = EngineOptions(
             min_evals=min_evals,
@@ -567,6 +715,7 @@ def settings_from_cli(
             device=device.value,
             precision=precision.value,
             conv1d=conv1d.value,
+            **engine_extras,
         )
     except ValueError as error:
         raise UsageError(_option_words(str(error))) from error
@@ -580,13 +729,23 @@ def settings_from_cli(
             )
         except ValueError as error:
             raise UsageError(_option_words(str(error))) from error
-    return RunSettings(
-        engine=engine,
-        layers=layers,
-        trust_pickle=trust_pickle,
-        gate=gate,
-        keep_spectra=keep_spectra,
-    )
+    try:
+        return RunSettings(
+            engine=engine,
+            layers=layers,
+            trust_pickle=trust_pickle,
+            gate=gate,
+            keep_spectra=keep_spectra,
+            diagnostics=Diagnostics(
+                mp_fit=chosen.mp_fit or every,
+                randomize=chosen.randomize or every,
+                seed=chosen.seed,
+                detx=chosen.detx or every,
+                base=str(chosen.base) if chosen.base is not None else None,
+            ),
+        )
+    except ValueError as error:
+        raise UsageError(_option_words(str(error))) from error
 
 
 def _option_words(message: str) -> str:
@@ -671,11 +830,22 @@ def gate_from_cli(
     allow_empty: bool = False,
     baseline: Path | None = None,
     max_drop: float | None = None,
+    fail_on: Sequence[str] = (),
+    fail_below_given: bool = True,
 ) -> GatePolicy:
-    """The gate options as one GatePolicy; UsageError naming the option for bad values."""
-    from wwcli.gate import GATE_MIN_EVALS, GatePolicy
+    """The gate options as one GatePolicy; UsageError naming the option for bad values.
+    --fail-on rules replace the default alpha line unless --fail-below was given
+    (`fail_below_given`: on the command line or in the config)."""
+    from wwcli.gate import GATE_MIN_EVALS, GatePolicy, parse_fail_on
 
     line, by_type = parse_fail_below(fail_below)
+    for text in fail_on:
+        try:
+            parse_fail_on(text)
+        except ValueError as error:
+            raise UsageError(f"--fail-on {text!r}: {error}") from error
+    if fail_on and not fail_below_given:
+        line, by_type = None, ()
     for option, value in (("--fail-above", fail_above), ("--max-drop", max_drop)):
         if value is not None and not math.isfinite(value):
             raise UsageError(f"{option} {value}: not a finite number")
@@ -694,6 +864,7 @@ def gate_from_cli(
             allow_empty=allow_empty,
             baseline=_load_baseline(baseline) if baseline is not None else None,
             max_drop=max_drop,
+            fail_on=tuple(fail_on),
         )
     except ValueError as error:
         raise UsageError(_option_words(str(error))) from error
@@ -970,6 +1141,8 @@ def emit(
 def _say_gate(run: _Run, outcome: GateOutcome, *, explain: bool) -> None:
     """The gate's lines on stderr: its trips always; why layers were not gated (grouped), its
     notes, and with --explain-gate the rule applied to every layer."""
+    for rule in outcome.rules:
+        run.info(f"gate: rule: {rule}")
     for trip in outcome.trips:
         run.stderr.print(
             printable(f"gate: {trip.checkpoint}: layer {trip.layer_id} {trip.name}: {trip.reason}"),
@@ -1082,6 +1255,16 @@ def analyze(
         ),
     ] = Precision.float64,
     jobs: JobsOption = None,
+    mp_fit: MpFitOption = False,
+    randomize: RandomizeOption = False,
+    seed: SeedOption = 0,
+    fix_fingers: FixFingersOption = FixFingers.none,
+    fit: FitOption = FitKind.power_law,
+    tail_tests: TailTestsOption = False,
+    detx: DetxOption = False,
+    base: BaseOption = None,
+    all_diagnostics: AllDiagnosticsOption = False,
+    fail_on: FailOnOption = None,
     fail_below: Annotated[
         str,
         typer.Option(
@@ -1097,7 +1280,7 @@ def analyze(
         typer.Option(
             "--fail-above",
             metavar="ALPHA",
-            help="Exit 1 when a gated layer's alpha is above this (6 marks under-trained). "
+            help="Exit 1 when a gated layer's alpha is above this (6 marks a light tail). "
             "Off by default.",
             show_default=False,
             rich_help_panel=GATE,
@@ -1228,8 +1411,8 @@ def analyze(
     debug: DebugOption = False,
 ) -> None:
     """Compute alpha and the other spectral metrics of every weight matrix, show them, and
-    exit 1 when a layer trips the gate (by default: alpha < 2, very heavy-tailed, possibly
-    over-trained).
+    exit 1 when a layer trips the gate (by default: alpha < 2, a very heavy-tailed spectrum;
+    --fail-on EXPR gates on any metric, the diagnostics' too).
 
     Examples:
 
@@ -1240,6 +1423,8 @@ def analyze(
       wwcli analyze ./hf-model/ --format json > report.json
 
       wwcli analyze run/ckpt-*.keras --fail-below 2 --fail-above 6
+
+      wwcli analyze final.pt --mp-fit --base init.pt --fail-on 'delta_alpha < 2'
     """
     run = _Run(debug=debug, quiet=quiet)
     with _guard(run):
@@ -1254,6 +1439,8 @@ def analyze(
             allow_empty=allow_empty,
             baseline=baseline,
             max_drop=max_drop,
+            fail_on=fail_on or (),
+            fail_below_given=_given(ctx, "fail_below"),
         )
         settings = settings_from_cli(
             layers=layers,
@@ -1265,6 +1452,9 @@ def analyze(
             conv1d=conv1d,
             keep_spectra=plot is not None or html_file is not None or spectra_file is not None,
             gate=gate,
+            diagnostics=DiagnosticChoices(
+                mp_fit, randomize, seed, fix_fingers, fit, tail_tests, detx, base, all_diagnostics
+            ),
         )
         _check_device(settings)
         targets = [
@@ -1290,6 +1480,12 @@ def analyze(
             explain_gate=explain_gate,
         )
     raise typer.Exit(code)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether an option was set by the user (command line, environment or config file)."""
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", "DEFAULT") != "DEFAULT"
 
 
 def _default_format(ctx: typer.Context, chosen: OutputFormat) -> OutputFormat:
@@ -1349,6 +1545,15 @@ def report(
     max_evals: MaxEvalsOption = 15000,
     conv1d: Conv1DOption = Conv1DMode.pooled,
     jobs: JobsOption = None,
+    mp_fit: MpFitOption = False,
+    randomize: RandomizeOption = False,
+    seed: SeedOption = 0,
+    fix_fingers: FixFingersOption = FixFingers.none,
+    fit: FitOption = FitKind.power_law,
+    tail_tests: TailTestsOption = False,
+    detx: DetxOption = False,
+    base: BaseOption = None,
+    all_diagnostics: AllDiagnosticsOption = False,
     plot: PlotOption = None,
     plot_format: PlotFormatOption = ImageFormat.png,
     quiet: QuietOption = False,
@@ -1375,6 +1580,9 @@ def report(
             conv1d=conv1d,
             exit_zero=True,
             keep_spectra=True,
+            diagnostics=DiagnosticChoices(
+                mp_fit, randomize, seed, fix_fingers, fit, tail_tests, detx, base, all_diagnostics
+            ),
         )
         code = _analyze_and_emit(
             run,
