@@ -97,8 +97,62 @@ def open_folder(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     found = _files(path, "*.safetensors")
     if found:
         return _open_safetensors_files(files, found, hf_note, read_by_weightwatcher=False)
+    _refuse_other_folders(path)
     looked_for = [SAFETENSORS_INDEX, *SAFETENSORS_GLOBS, *BIN_GLOBS, "*.safetensors"]
     raise LoaderError(f"{path}: no weights in this folder (looked for {', '.join(looked_for)})")
+
+
+CHECKPOINT_SUFFIXES = (
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".bin",
+    ".keras",
+    ".h5",
+    ".hdf5",
+    ".onnx",
+    ".gguf",
+    ".npz",
+    ".npy",
+)
+"""Files that are each a checkpoint of their own: a folder of them is a run, not one model."""
+_SHOWN_FILES = 8
+
+
+def _refuse_other_folders(path: Path) -> None:
+    """LoaderError naming what a folder that holds no single model is instead: a TensorFlow
+    SavedModel, or a folder of checkpoint files (listed, with the commands that read them)."""
+    if os.path.lexists(path / "saved_model.pb") or os.path.lexists(path / "saved_model.pbtxt"):
+        raise LoaderError(
+            f"{path}: a TensorFlow SavedModel folder: not supported; save the model as .keras "
+            "(model.save('model.keras')) or export it to ONNX (tf2onnx)"
+        )
+    checkpoints = sorted(
+        (
+            file
+            for file in path.iterdir()
+            if file.suffix.lower() in CHECKPOINT_SUFFIXES and not file.is_dir()
+        ),
+        key=lambda file: file.name,
+    )
+    if not checkpoints:
+        return
+    if len(checkpoints) == 1:
+        raise LoaderError(
+            f"{path}: holds no model folder but one checkpoint file, "
+            f"{shown_name(checkpoints[0].name)}: give it as the path "
+            f"(`wwcli describe {path}/{shown_name(checkpoints[0].name)}`)"
+        )
+    shown_files = ", ".join(shown_name(file.name) for file in checkpoints[:_SHOWN_FILES])
+    if len(checkpoints) > _SHOWN_FILES:
+        shown_files += f", ... ({len(checkpoints) - _SHOWN_FILES} more)"
+    suffixes = sorted({file.suffix.lower() for file in checkpoints})
+    pattern = f"*{suffixes[0]}" if len(suffixes) == 1 else "*"
+    raise LoaderError(
+        f"{path}: a folder of {len(checkpoints)} checkpoint files, not one model: "
+        f"{shown_files}; analyze them with `wwcli analyze {path}/{pattern}` or "
+        f"`wwcli sweep {path}`"
+    )
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,19 @@ class _Found:
     """Keras class name ("Dense"), or the snake-case group name when there is no config."""
     tensor: str | None
     """HDF5 path of the layer's first variable (kernel, embeddings, gamma); None when none."""
+    gates: int = 0
+    """For a recurrent kernel (LSTM 4, GRU 3, SimpleRNN 1): its gate blocks; 0 otherwise."""
+    extras: tuple[_Found, ...] = ()
+    """The layer's other kernels (a recurrent kernel, a pointwise kernel, a Bidirectional
+    layer's backward kernels), listed after every layer of the model, with the next ids."""
+
+
+RECURRENT_CLASSES = frozenset({"LSTM", "GRU", "SimpleRNN"})
+"""Keras recurrent layers: kernel (in, gates x units) and recurrent_kernel (units, gates x
+units), both under `<layer>/cell/vars` (0 and 1)."""
+_SEPARABLE_CLASSES = frozenset({"SeparableConv1D", "SeparableConv2D"})
+"""Depthwise kernel (vars/0, the one weightwatcher analyzes) and pointwise kernel (vars/1)."""
+_KERAS_GATES = (1, 3, 4)
 
 
 class _ByteRange(io.RawIOBase):
@@ -292,9 +305,14 @@ class KerasCheckpoint(Checkpoint):
         self._layers = self._describe(found)
 
     def _describe(self, found: list[_Found]) -> list[LayerSpec]:
+        # Extra kernels come after every layer of the model, so that no weightwatcher id moves.
+        entries = found + [extra for entry in found for extra in entry.extras]
+        check_layer_count(self.path, len(entries), "layers")
         specs: list[LayerSpec] = []
-        for layer_id, entry in enumerate(found):
+        for layer_id, entry in enumerate(entries):
             layer_type = layer_type_of(entry.class_name)
+            if entry.gates:
+                layer_type = LayerType.DENSE
             shape: tuple[int, ...] = ()
             dtype = ""
             if entry.tensor is not None:
@@ -304,6 +322,9 @@ class KerasCheckpoint(Checkpoint):
                     dtype = _dtype_name(dataset)
                 self._tensors[layer_id] = entry.tensor
             sizes = matrix_sizes(layer_type, shape)
+            if entry.gates and len(shape) == 2 and shape[1] % entry.gates == 0:
+                units = shape[1] // entry.gates
+                sizes = MatrixSizes(max(shape[0], units), min(shape[0], units), entry.gates)
             skip_reason = sizes.skip_reason
             if entry.tensor is None:
                 skip_reason = "no weights"
@@ -342,6 +363,8 @@ class KerasCheckpoint(Checkpoint):
           and N = in, M = out when kh + kw >= in + out; its eigenvalues are still those of these
           slices.
         - conv1d: kernel[i] for i in range(k), each (in, out): rf = k matrices.
+        - a recurrent kernel (in or units, gates x units): its gate blocks along the last axis
+          (LSTM's i, f, c, o; GRU's z, r, h), each (in or units, units).
 
         bfloat16 tensors come back as float32 (exactly); other dtypes as stored.
         """
@@ -369,6 +392,8 @@ class KerasCheckpoint(Checkpoint):
             return [weights[i, j] for i in range(kh) for j in range(kw)]
         if layer.layer_type == LayerType.CONV1D:
             return [weights[i] for i in range(weights.shape[0])]
+        if weights.ndim == 2 and layer.rf > 1:
+            return [np.ascontiguousarray(block) for block in np.split(weights, layer.rf, axis=1)]
         return [weights]
 
     def _verify_weights_member(self) -> None:
@@ -872,7 +897,112 @@ def _walk_keras3(
                 f"{path}: {CONFIG_MEMBER} names layer {prefix + name!r} ({class_name}) but "
                 f"{WEIGHTS_MEMBER} has no weights for it at {group}/vars"
             )
-        found.append(_Found(f"{prefix}{name}", class_name, tensor))
+        kernels = _keras3_kernels(path, h5file, group, _inner_class(layer, class_name))
+        found.append(_with_kernels(path, h5file, f"{prefix}{name}", class_name, tensor, kernels))
+
+
+def _inner_class(layer: dict[str, Any], class_name: str) -> str:
+    """The class of the layer a Bidirectional wrapper holds (its `config.layer`), else the
+    layer's own class."""
+    config = layer.get("config")
+    inner = config.get("layer") if isinstance(config, dict) else None
+    if class_name == "Bidirectional" and isinstance(inner, dict):
+        inner_class = inner.get("class_name")
+        if isinstance(inner_class, str):
+            return inner_class
+    return class_name
+
+
+def _keras3_kernels(path: Path, h5file: Any, group: str, class_name: str) -> list[tuple[str, str]]:
+    """(role, HDF5 path) of every kernel of a multi-kernel layer in a Keras 3 weights file, the
+    one listed as the layer first: a recurrent layer's kernel and recurrent_kernel (under
+    `cell/vars`), a Bidirectional layer's forward and backward ones, a separable conv's
+    depthwise and pointwise kernels. [] for every other layer."""
+    if class_name in _SEPARABLE_CLASSES:
+        return [
+            (role, f"{group}/vars/{index}")
+            for index, role in enumerate(("depthwise_kernel", "pointwise_kernel"))
+        ]
+    if class_name not in RECURRENT_CLASSES:
+        return []
+    cells = [("", f"{group}/cell/vars")]
+    with _reading(path, f"{WEIGHTS_MEMBER} group {group}"):
+        if f"{group}/forward_layer" in h5file:
+            cells = [
+                (f"{direction}/", f"{group}/{direction}_layer/cell/vars")
+                for direction in ("forward", "backward")
+            ]
+    return [
+        (f"{direction}{role}", f"{variables}/{index}")
+        for direction, variables in cells
+        for index, role in enumerate(("kernel", "recurrent_kernel"))
+    ]
+
+
+def _with_kernels(
+    path: Path,
+    h5file: Any,
+    name: str,
+    class_name: str,
+    tensor: str | None,
+    kernels: list[tuple[str, str]],
+) -> _Found:
+    """The layer's entry with its first kernel as the listed one and the others as `extras`.
+    A separable conv keeps its depthwise kernel (what weightwatcher analyzes) and adds the
+    pointwise one; a recurrent layer (or a Bidirectional one around it) lists its kernel, typed
+    by its gate blocks (from the recurrent kernel's shape, (units, gates x units)), and adds the
+    others. Kernels the file lacks are left out; without any, the entry is as before."""
+    with _reading(path, f"the weights of layer {name!r}"):
+        present = [(role, where) for role, where in kernels if where in h5file]
+        shapes = {where: tuple(int(side) for side in h5file[where].shape) for _, where in present}
+    if not present:
+        return _Found(name, class_name, tensor)
+    (first_role, first), *others = present
+    if class_name in _SEPARABLE_CLASSES:
+        if first_role != "depthwise_kernel":
+            return _Found(name, class_name, tensor)
+        extras = tuple(
+            _Found(f"{name}/{role}", _kernel_class(class_name), where) for role, where in others
+        )
+        return _Found(name, class_name, first, extras=extras)
+    recurrent = [shapes[where] for role, where in present if role.endswith("recurrent_kernel")]
+    gates = 0
+    if recurrent and len(recurrent[0]) == 2 and recurrent[0][0] > 0:
+        units, width = recurrent[0]
+        if width % units == 0 and width // units in _KERAS_GATES:
+            gates = width // units
+    if gates == 0:
+        return _Found(name, class_name, tensor)
+    extras = tuple(
+        _Found(f"{name}/{role}", "Recurrent", where, gates=gates) for role, where in others
+    )
+    return _Found(name, class_name, first, gates=gates, extras=extras)
+
+
+def _legacy_kernels(group: str, weight_names: list[str], class_name: str) -> list[tuple[str, str]]:
+    """`_keras3_kernels` for a legacy `.h5` layer, from its `weight_names`
+    (`lstm/lstm_cell/kernel`, `bidirectional/backward_lstm/lstm_cell/recurrent_kernel`, ...)."""
+    if class_name not in RECURRENT_CLASSES | _SEPARABLE_CLASSES | {"Bidirectional"}:
+        return []
+    kernels = []
+    for weight in weight_names:
+        role = weight.split("/")[-1].split(":")[0]
+        if not role.endswith("kernel"):
+            continue
+        components = weight.split("/")
+        direction = ""
+        if any(part.startswith("forward_") for part in components):
+            direction = "forward/"
+        elif any(part.startswith("backward_") for part in components):
+            direction = "backward/"
+        kernels.append((f"{direction}{role}", f"{group}/{weight}"))
+    return kernels
+
+
+def _kernel_class(class_name: str) -> str:
+    """How a separable conv's pointwise kernel, (1, in x depth, out) or (1, 1, in x depth,
+    out), is read: as the conv it is."""
+    return "Conv1D" if class_name.endswith("1D") else "Conv2D"
 
 
 def _first_variable(path: Path, h5file: Any, group: str) -> str | None:
@@ -1169,7 +1299,8 @@ def _layers_of_legacy(path: Path, h5file: Any, config: Any) -> list[_Found]:
             continue
         tensor = f"{group}/{weight_names[0]}" if weight_names else None
         _check_legacy_tensor(path, h5file, class_name, f"{name}", tensor)
-        found.append(_Found(name, class_name, tensor))
+        kernels = _legacy_kernels(group, weight_names, class_name)
+        found.append(_with_kernels(path, h5file, name, class_name, tensor, kernels))
     return found
 
 
