@@ -96,6 +96,7 @@ class _LayerWork:
     options: EngineOptions
     diagnostics: Diagnostics
     flags: dict[str, bool]
+    keep_spectrum: bool = False
 
     def __call__(
         self, matrices: list[Any], base: BaseMatch
@@ -120,8 +121,15 @@ class _LayerWork:
             eigenvalues=outcome[1],
             metrics=outcome[0],
             conv2d_norm=self.flags["conv2d_norm"],
+            options=self.options,
+            weightwatcher_conv1d=self.flags["weightwatcher_conv1d"],
             delta=delta,
         )
+        if extra is not None and extra.random is not None and not self.keep_spectrum:
+            # The shuffled eigenvalues are for pictures: kept only when the spectra are.
+            extra = dataclasses.replace(
+                extra, random=dataclasses.replace(extra.random, rand_eigenvalues=None)
+            )
         return outcome, extra
 
 
@@ -390,7 +398,8 @@ def _analyze_with_diagnostics(
     def prepared(spec: LayerSpec) -> tuple[_LayerWork, list[Any], BaseMatch]:
         matrices, flags = _engine_input(checkpoint, spec, options)
         match = base.match(spec, options) if base is not None else None
-        return _LayerWork(spec.name, options, diagnostics, flags), matrices, match
+        work = _LayerWork(spec.name, options, diagnostics, flags, keep_spectra)
+        return work, matrices, match
 
     def done(spec: LayerSpec, result: tuple[LayerOutcome, LayerDiagnostics | None]) -> LayerResult:
         outcome, extra = result

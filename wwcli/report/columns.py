@@ -142,6 +142,11 @@ def _tail_test(name: str) -> Callable[[str, LayerResult], Value]:
     return value
 
 
+_COUNTS = frozenset({"num_spikes", "rand_num_spikes", "num_traps", "detX_num"})
+"""Counts the engine modules report as -1 when they could not count: null in rows, as
+num_pl_spikes of a failed fit."""
+
+
 def _diagnostic(group: str, name: str) -> Callable[[str, LayerResult], Value]:
     """A field of one of the layer's diagnostic groups (None when the layer has not got it)."""
 
@@ -150,6 +155,8 @@ def _diagnostic(group: str, name: str) -> Callable[[str, LayerResult], Value]:
         if found is None:
             return None
         item = getattr(found, name)
+        if name in _COUNTS and item is not None and item < 0:
+            return None  # -1: the engine module could not count (its message says why)
         return item if item is None or isinstance(item, str | bool | float) else _plain(item)
 
     return value

@@ -48,10 +48,12 @@ __all__ = [
     "VERDICT_COLORS",
     "EsdAxes",
     "PlotError",
+    "add_diagnostic_curves",
     "add_esd_curve",
     "esd_axes",
     "esd_figure",
     "figure_bytes",
+    "marchenko_pastur_density",
     "overview_figure",
     "overview_file_name",
     "plain",
@@ -344,7 +346,76 @@ def esd_figure(
         linear.axvline(fit.xmin, gid="xmin-linear", **line)
     # One legend: the panels share their artists' meaning, and a legend is ~15 % of a figure.
     loglog.legend(loc="upper right", fontsize="small")
+    add_diagnostic_curves(figure, result, threshold=threshold)
     return figure
+
+
+def marchenko_pastur_density(
+    x: NDArray[np.float64], *, sigma: float, Q: float, W_scale: float
+) -> NDArray[np.float64]:
+    """The Marchenko-Pastur density of an MP fit (wwcli.engine.mpfit) on the eigenvalues' own
+    scale: in the fit's rescaled units u = W_scale^2 x, Q / (2 pi sigma^2 u) sqrt((u+ - u)(u -
+    u-)) on [u-, u+] = sigma^2 (1 -+ 1/sqrt Q)^2, zero outside; times W_scale^2 for x."""
+    scale = W_scale * W_scale
+    u = np.asarray(x, dtype=np.float64) * scale
+    low = (sigma * (1 - 1 / math.sqrt(Q))) ** 2
+    high = (sigma * (1 + 1 / math.sqrt(Q))) ** 2
+    inside = (u > low) & (u < high) & (u > 0)
+    density = np.zeros_like(u)
+    ui = u[inside]
+    density[inside] = Q / (2 * math.pi * sigma * sigma * ui) * np.sqrt((high - ui) * (ui - low))
+    return density * scale
+
+
+def add_diagnostic_curves(
+    figure: Figure, result: LayerResult, *, threshold: float = DEFAULT_THRESHOLD
+) -> None:
+    """The diagnostics' curves over an ESD figure, when the run computed them: the fitted
+    Marchenko-Pastur bulk (--mp-fit; its sigma_mp and Q = N / M in the legend) and the
+    randomized layer's ESD (--randomize). Scaled as the histogram: a share of the eigenvalues
+    above `threshold`. Nothing is drawn on a figure without ESD panels or spectrum."""
+    extra = result.diagnostics
+    if extra is None or result.spectrum is None:
+        return
+    try:
+        esd_axes(figure)
+    except ValueError:
+        return
+    values = np.asarray(result.spectrum.eigenvalues)
+    plotted = np.sort(values[values > threshold])
+    if plotted.size == 0:
+        return
+    share = values.size / plotted.size
+    mp = extra.mp
+    Q = result.metrics.N / result.metrics.M
+    if mp is not None and math.isfinite(mp.sigma_mp) and mp.sigma_mp > 0 and Q >= 1:
+        top = max(float(plotted[-1]), mp.bulk_max) * 1.02
+        x = np.linspace(max(float(plotted[0]), mp.bulk_min * 0.98, top * 1e-4), top, 400)
+        density = share * marchenko_pastur_density(x, sigma=mp.sigma_mp, Q=Q, W_scale=mp.W_scale)
+        label = f"MP bulk: sigma_mp = {mp.sigma_mp:.3f}, Q = {Q:.3g}, {mp.num_spikes} spikes"
+        add_esd_curve(figure, x, density, label=label, gid="mp-bulk", color="#2ca02c", lw=1.6)
+    random = extra.random
+    shuffled = None if random is None else random.rand_eigenvalues
+    if random is not None and shuffled is not None:
+        above = np.sort(np.asarray(shuffled, dtype=np.float64))
+        above = above[above > threshold]
+        if above.size:
+            # A curve, not a histogram: about 2 sqrt(n) bins keep it readable over the ESD's.
+            bins = int(np.clip(round(2 * math.sqrt(above.size)), 10, _LINEAR_BINS))
+            edges = np.linspace(float(above[0]), float(above[-1]) * 1.000001, bins + 1)
+            _, heights = _density(above, edges)
+            centres = (edges[:-1] + edges[1:]) / 2
+            traps = "" if random.num_traps < 0 else f", {random.num_traps} traps"
+            add_esd_curve(
+                figure,
+                centres,
+                heights,
+                label=f"randomized ESD{traps}",
+                gid="randomized-esd",
+                color="#9467bd",
+                lw=1.2,
+                alpha=0.85,
+            )
 
 
 def _histogram(
