@@ -11,6 +11,7 @@ embeddings by name). weightwatcher 0.7.7 reads neither format.
 from __future__ import annotations
 
 import os
+import tokenize
 import zipfile
 from pathlib import Path
 from typing import IO, Any
@@ -46,7 +47,7 @@ def _header(stream: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dt
             shape, fortran, dtype = npy_format.read_array_header_2_0(stream)
         else:
             raise ValueError(f"format version {version}")
-    except (ValueError, SyntaxError, TypeError, EOFError) as error:
+    except (ValueError, SyntaxError, TypeError, EOFError, tokenize.TokenError) as error:
         detail = " ".join(str(error).split())[:200]
         raise LoaderError(f"{where}: not a valid .npy array header ({detail})") from error
     return tuple(int(side) for side in shape), bool(fortran), dtype, stream.tell()
