@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from wwcli.loaders import LayerSpec
     from wwcli.report.interface import Formatter
     from wwcli.results import CheckpointReport, RunResult
+    from wwcli.runners import Runner
     from wwcli.settings import RunSettings
 
 EXIT_CODES_HELP = (
@@ -333,6 +334,46 @@ JobsOption = Annotated[
         "(default: the number of cores); 1 = one layer at a time.",
         show_default=False,
         rich_help_panel=ENGINE,
+    ),
+]
+EXECUTION = "Execution"
+"""The --help panel of where the work runs: processes, a Dask cluster, the result cache."""
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=1,
+        metavar="W",
+        help="Checkpoints analyzed at once, each in a process of its own with --jobs layer "
+        "threads; W x jobs never exceeds the cores (default: analyze 1, sweep one per "
+        "checkpoint up to the cores). The output is the same bytes for any W and jobs.",
+        show_default=False,
+        rich_help_panel=EXECUTION,
+    ),
+]
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        metavar="tcp://HOST:PORT",
+        envvar="DASK_SCHEDULER_ADDRESS",
+        help="Run one task per checkpoint on this Dask cluster (its workers read the files at "
+        "the paths as given: shared storage); needs wwcli[dask].",
+        show_default=False,
+        rich_help_panel=EXECUTION,
+    ),
+]
+CacheOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache",
+        metavar="DIR",
+        help="Keep results in this folder and read back those of checkpoints analyzed before "
+        "under the same settings (wwcli's own JSON; keyed by size, mtime, a hash of the "
+        "file's head and tail, the settings and the wwcli version).",
+        show_default=False,
+        file_okay=False,
+        rich_help_panel=EXECUTION,
     ),
 ]
 Conv1DOption = Annotated[
@@ -1074,16 +1115,18 @@ def _run_analysis(
     jobs: int | None,
     stdout_format: Formatter | None,
     targets: Sequence[ReportFile],
+    runner: Runner | None = None,
 ) -> RunResult:
-    """Analyze every path through the run layer, streaming what can be shown as each report
-    arrives (a table, or the summary on stderr; an unreadable input's error line)."""
+    """Analyze every path through the run layer (with `runner`, or in this process in `jobs`
+    threads), streaming what can be shown as each report arrives (a table, or the summary on
+    stderr; an unreadable input's error line)."""
     from wwcli.analysis import analyze_paths
     from wwcli.report.table import summary_lines
     from wwcli.results import InputFailure, RunResult
     from wwcli.runners import LocalRunner, default_jobs
 
     progress = None if run.quiet or not run.stderr.is_terminal else _ProgressBar(run.stderr)
-    runner = LocalRunner(jobs=jobs or default_jobs())
+    runner = runner or LocalRunner(jobs=jobs or default_jobs())
     reports = []
     failures = []
     for outcome in analyze_paths(paths, settings, runner=runner, progress=progress):
@@ -1255,6 +1298,9 @@ def analyze(
         ),
     ] = Precision.float64,
     jobs: JobsOption = None,
+    workers: WorkersOption = None,
+    scheduler: SchedulerOption = None,
+    cache: CacheOption = None,
     mp_fit: MpFitOption = False,
     randomize: RandomizeOption = False,
     seed: SeedOption = 0,
@@ -1474,6 +1520,7 @@ def analyze(
             paths,
             settings,
             jobs=jobs,
+            execution=(workers, scheduler, cache),
             stdout_format=_formatter(_default_format(ctx, output_format)),
             targets=targets,
             pictures=Pictures(plot, plot_format.value),
@@ -1507,19 +1554,39 @@ def _analyze_and_emit(
     targets: Sequence[ReportFile],
     pictures: Pictures,
     explain_gate: bool = False,
+    execution: tuple[int | None, str | None, Path | None] = (None, None, None),
 ) -> ExitCode:
     """analyze's and report's shared path: check every output before reading anything, run,
-    emit."""
+    emit. `execution`: --workers, --scheduler, --cache (wwcli/cli_sweep.py's runners)."""
+    from wwcli.cli_sweep import execution_plan
     from wwcli.runners import default_jobs
 
     for target in targets:
         _check_output_target(target, paths)
-    jobs = jobs or default_jobs()
-    pictures = dataclasses.replace(pictures, jobs=jobs)
-    _check_pictures(pictures, targets)
-    result = _run_analysis(
-        run, paths, settings, jobs=jobs, stdout_format=stdout_format, targets=targets
-    )
+    workers, scheduler, cache = execution
+    with execution_plan(
+        run,
+        units=len(paths),
+        settings=settings,
+        jobs=jobs,
+        workers=workers,
+        scheduler=scheduler,
+        cache=cache,
+        spread=False,
+    ) as plan:
+        jobs = plan.runner.layer_jobs if jobs is None and workers else jobs or default_jobs()
+        pictures = dataclasses.replace(pictures, jobs=jobs)
+        _check_pictures(pictures, targets)
+        result = _run_analysis(
+            run,
+            paths,
+            settings,
+            jobs=jobs,
+            stdout_format=stdout_format,
+            targets=targets,
+            runner=plan.runner,
+        )
+        plan.finish(run)
     return emit(run, result, stdout_format, targets, pictures, explain_gate=explain_gate)
 
 
@@ -1596,3 +1663,6 @@ def report(
         if code is ExitCode.OK:
             run.info(f"report written to {output}")
     raise typer.Exit(code)
+
+
+import wwcli.cli_sweep  # noqa: E402, F401 - registers `sweep` and `compare` on the app
