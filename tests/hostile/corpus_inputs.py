@@ -359,9 +359,165 @@ def _shards_over_the_limit() -> Callable[[Path], None]:
     return write
 
 
+def _onnx_with_external(location: str, *, offset: str = "0", length: str = "256") -> bytes:
+    """A small ONNX model (x @ W, W 8x8 float32) whose W is external data at `location`."""
+    from onnx import TensorProto, helper
+
+    weight = TensorProto()
+    weight.name = "W"
+    weight.data_type = TensorProto.FLOAT
+    weight.dims.extend([8, 8])
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        weight.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return bytes(model.SerializeToString())
+
+
+def _onnx_case(
+    location: str, *, link: bool = False, absolute: bool = False
+) -> Callable[[Path], None]:
+    """Writes the model; its data, the secret as 256 bytes, lies beside the corpus folder
+    (reached by `location` "../...", an absolute path, or a link in the corpus folder)."""
+
+    def write(target: Path) -> None:
+        outside = target.parent.parent / f"{target.name}.outside.data"
+        outside.write_bytes((SECRET * 16)[:256])
+        where = location
+        if absolute:
+            where = str(outside)
+        elif link:
+            (target.parent / location).symlink_to(outside)
+        else:
+            where = location.replace("OUTSIDE", outside.name)
+        target.write_bytes(_onnx_with_external(where))
+
+    return write
+
+
+def _gguf_header(dims: list[int], data: bytes = b"") -> bytes:
+    """A GGUF v3 file of one F32 tensor `w.weight` of these dims, then `data`."""
+    name = b"w.weight"
+    out = b"GGUF" + struct.pack("<IQQ", 3, 1, 0)
+    out += struct.pack("<Q", len(name)) + name + struct.pack("<I", len(dims))
+    out += b"".join(struct.pack("<Q", side) for side in dims) + struct.pack("<IQ", 0, 0)
+    return out + b"\0" * (-len(out) % 32) + data
+
+
+def _npz_with_object_array(target: Path) -> None:
+    import io
+    import zipfile
+
+    import numpy as np
+
+    member = io.BytesIO()
+    np.save(member, np.array([{"payload": SECRET.decode()}], dtype=object), allow_pickle=True)
+    with zipfile.ZipFile(target, "w") as archive:
+        archive.writestr("fc.weight.npy", member.getvalue())
+
+
+def _checkpoint_folder(target: Path) -> None:
+    target.mkdir()
+    for epoch in (1, 2, 3):
+        (target / f"epoch_{epoch}.pt").write_bytes(_valid_bytes())
+
+
+def _saved_model(target: Path) -> None:
+    target.mkdir()
+    (target / "saved_model.pb").write_bytes(b"\x08\x01")
+    (target / "variables").mkdir()
+
+
+def _format_cases() -> list[BadInput]:
+    """ONNX external data escaping the model's folder, GGUF headers claiming more than the
+    file, pickled NumPy arrays, and formats wwcli does not read (said by name)."""
+    from tests.hostile.make_corpus import BadInput, _bytes_writer
+
+    outside = r"outside the model's folder; wwcli reads external data only from files beside"
+    return [
+        BadInput(
+            "onnx_external_data_dot_dot.onnx",
+            r"initializer 'W' takes its data from '\.\./.*outside\.data', " + outside,
+            secret=SECRET,
+            write=_onnx_case("../OUTSIDE"),
+        ),
+        BadInput(
+            "onnx_external_data_absolute.onnx",
+            r"initializer 'W' takes its data from '/.*outside\.data', " + outside,
+            secret=SECRET,
+            write=_onnx_case("", absolute=True),
+        ),
+        BadInput(
+            "onnx_external_data_link_outside.onnx",
+            r"external data file 'onnx_external_data_link_outside\.data' is a link to /.*, "
+            r"outside the model's folder",
+            secret=SECRET,
+            write=_onnx_case("onnx_external_data_link_outside.data", link=True),
+        ),
+        BadInput(
+            "onnx_damaged_protobuf.onnx",
+            r"not a readable ONNX model",
+            write=_bytes_writer(b"\x08\x07\x12\xff\xff\xff\xff\x0f"),
+        ),
+        BadInput(
+            "gguf_2_pow_40_elements.gguf",
+            r"GGUF tensor 'w\.weight' declares 1099511627776 elements \(4398046511104 bytes",
+            memory_limit_mib=1024,
+            max_seconds=20,
+            write=_bytes_writer(_gguf_header([2**20, 2**20], bytes(64))),
+        ),
+        BadInput(
+            "gguf_tensor_beyond_the_file.gguf",
+            r"declares 4096 elements \(16384 bytes at byte \d+\), beyond the file's",
+            write=_bytes_writer(_gguf_header([64, 64], bytes(1024))),
+        ),
+        BadInput(
+            "gguf_2_pow_40_tensors.gguf",
+            r"lists 1099511627776 tensors, more than the 200000",
+            max_seconds=20,
+            write=_bytes_writer(b"GGUF" + struct.pack("<IQQ", 3, 2**40, 0) + bytes(64)),
+        ),
+        BadInput(
+            "npz_pickled_object_array.npz",
+            r"array 'fc\.weight' holds Python objects \(a pickle\), which wwcli never loads",
+            secret=SECRET,
+            write=_npz_with_object_array,
+        ),
+        BadInput(
+            "tflite_flatbuffer.tflite",
+            r"a TensorFlow Lite model: not supported",
+            write=_bytes_writer(b"\x1c\x00\x00\x00TFL3" + bytes(64)),
+        ),
+        BadInput(
+            "python_pickle.pkl",
+            r"a Python pickle: wwcli reads pickles only as PyTorch checkpoints",
+            write=_bytes_writer(b"\x80\x04K\x01."),
+        ),
+        BadInput(
+            "savedmodel_folder",
+            r"a TensorFlow SavedModel folder: not supported",
+            write=_saved_model,
+        ),
+        BadInput(
+            "folder_of_checkpoints",
+            r"a folder of 3 checkpoint files, not one model: epoch_1\.pt, epoch_2\.pt, "
+            r"epoch_3\.pt; analyze them with `wwcli analyze .*folder_of_checkpoints/\*\.pt` or "
+            r"`wwcli sweep .*folder_of_checkpoints`",
+            write=_checkpoint_folder,
+        ),
+    ]
+
+
 def cases() -> list[BadInput]:
     """This module's entries, in a stable order."""
-    return _header_cases() + _folder_cases()
+    return _header_cases() + _folder_cases() + _format_cases()
 
 
 def _names(count: int) -> list[str]:
