@@ -239,7 +239,9 @@ def delta_result(
     mp_fit: bool,
 ) -> DeltaResult:
     """The update W - W_base of one matched layer, analyzed as the layer itself is (same engine
-    options: fingers and TPL apply), as weightwatcher 0.7.7's WWDeltaLayerIterator does."""
+    options: fingers and TPL apply), as weightwatcher 0.7.7's WWDeltaLayerIterator does. The
+    difference is taken in the weights' precision (float32 for float32 or half-precision
+    weights, float64 for float64), as weightwatcher takes it; biases are not used."""
     import numpy as np
 
     from wwcli.engine import FitStatus, analyze_layer_spectrum
@@ -251,7 +253,10 @@ def delta_result(
             return unmatched_delta(
                 f"matrix {index} is {now_array.shape} here, {before_array.shape} in the base"
             )
-        updates.append(now_array.astype(np.float64) - before_array.astype(np.float64))
+        # In the weights' own precision, at least float32: weightwatcher subtracts the float32
+        # arrays (its numbers to round-off); half-precision weights differ exactly in float32.
+        dtype = np.result_type(now_array.dtype, before_array.dtype, np.float32)
+        updates.append(now_array.astype(dtype) - before_array.astype(dtype))
     metrics, eigenvalues = analyze_layer_spectrum(
         updates,
         conv2d_norm=conv2d_norm,
