@@ -247,11 +247,31 @@ def _fit_options(
     data (its ``fit_powerlaw`` with pl_package='powerlaw'). The tail tests run on the final
     fit's tail.
     """
+    from wwcli.engine import tpl  # powerlaw is imported only from here, only when needed
+
     extras: dict[str, Any] = {}
-    if options.fit != "power_law" or options.tail_tests:
-        raise ValueError("fit='tpl' and tail_tests are not available yet")
-    result = clip_xmax_fit(values, threshold=threshold, raw_fit=fit)
-    extras["num_fingers"] = result.num_fingers
-    extras["raw_alpha"] = result.raw_fit.alpha
-    fit = result.fit
+    if options.tail_tests:
+        raise ValueError("tail_tests are not available yet")
+    clipped = 0
+    if options.fix_fingers == "clip_xmax":
+        result = clip_xmax_fit(values, threshold=threshold, raw_fit=fit)
+        fit, clipped = result.fit, result.clipped
+        extras["num_fingers"] = result.num_fingers
+        extras["raw_alpha"] = result.raw_fit.alpha
+    if options.fit == "tpl":
+        tpl.import_powerlaw()  # the same error without powerlaw, whatever the layer
+        Lambda = math.nan
+        if fit.status is not FitStatus.SUCCESS:
+            pass  # no tail (too few or equal eigenvalues): the TPL cannot have one either
+        elif options.fix_fingers == "none":
+            tpl_result = tpl.tpl_fit(values, threshold=threshold)
+            fit, Lambda = tpl_result.fit, tpl_result.Lambda
+        else:
+            data = np.sort(values[values > threshold])
+            alpha, Lambda = tpl.tpl_at_xmin(data[: data.size - clipped], xmin=fit.xmin)
+            if math.isfinite(alpha) and math.isfinite(Lambda):
+                fit = dataclasses.replace(fit, alpha=alpha)
+            else:
+                fit = PowerLawFit.failed("TPL: no fit at the clipped tail's xmin")
+        extras["Lambda"] = Lambda
     return fit, extras
