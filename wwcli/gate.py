@@ -552,8 +552,9 @@ class FailOnRule:
 class _Parser:
     """Recursive descent over the tokens: or > and > not > comparison, parentheses."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, known: Collection[str]) -> None:
         self.text = text
+        self.known = known
         self.tokens: list[tuple[str, str, int]] = []
         position = 0
         while position < len(text):
@@ -627,6 +628,10 @@ class _Parser:
             return _Operand("number", float(value))
         if kind == "text":
             return _Operand("text", value[1:-1])
+        if value not in self.known:
+            near = difflib.get_close_matches(value, list(self.known), n=3, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+            raise ValueError(f"unknown metric {value!r}{hint}; metrics are the CSV/JSON row keys")
         if value not in self.names:
             self.names.append(value)
         return _Operand("name", value)
@@ -657,14 +662,10 @@ def parse_fail_on(text: str) -> FailOnRule:
     with the nearest names, a syntax error with its column)."""
     if not isinstance(text, str):
         raise ValueError(f"fail_on rules must be strings, got {text!r}")
-    parser = _Parser(text)
-    tree = parser.parse()
     known = metric_names()
+    parser = _Parser(text, known)
+    tree = parser.parse()
     groups: dict[str, None] = {}
     for name in parser.names:
-        if name not in known:
-            near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
-            hint = f" (did you mean {' or '.join(near)}?)" if near else ""
-            raise ValueError(f"unknown metric {name!r}{hint}; metrics are the CSV/JSON row keys")
         groups.update(dict.fromkeys(known[name]))
     return FailOnRule(str(tree), tuple(parser.names), tuple(groups), tree)
