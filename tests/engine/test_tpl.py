@@ -24,10 +24,13 @@ import pytest
 from wwcli.engine import (
     EngineOptions,
     FitStatus,
+    TailTests,
     analyze_layer,
+    analyze_layer_spectrum,
     tpl,
 )
-from wwcli.engine.tpl import POWERLAW_VERSION, import_powerlaw, tpl_fit
+from wwcli.engine.fingers import clip_xmax_fit
+from wwcli.engine.tpl import POWERLAW_VERSION, import_powerlaw, tail_tests, tpl_fit
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::Warning:weightwatcher.*"),
@@ -134,6 +137,58 @@ def test_tpl_failures_are_results() -> None:
     assert metrics.Lambda is not None and math.isnan(metrics.Lambda)
 
 
+# --- tail tests ---------------------------------------------------------------------------------
+
+
+def _powerlaw_compare(tail_source: np.ndarray[Any, Any], xmin: float) -> tuple[float, ...]:
+    fit = _quietly(powerlaw.Fit, tail_source, xmin=xmin, verbose=False)
+    ln = _quietly(fit.distribution_compare, "power_law", "lognormal", normalized_ratio=True)
+    ex = _quietly(fit.distribution_compare, "power_law", "exponential", normalized_ratio=True)
+    return (*ln, *ex)
+
+
+def _numbers(tests: TailTests) -> tuple[float, ...]:
+    return (tests.R_lognormal, tests.p_lognormal, tests.R_exponential, tests.p_exponential)
+
+
+@pytest.mark.parametrize(("df", "m"), [(2.5, 300), (4.0, 200), (None, 256)])
+def test_tail_tests_are_powerlaws_numbers_on_the_engines_tail(df: float | None, m: int) -> None:
+    rng = np.random.default_rng(m)
+    weight = rng.standard_t(df, size=(3 * m, m)) if df else rng.standard_normal((3 * m, m))
+    metrics, values = analyze_layer_spectrum([weight], options=EngineOptions(tail_tests=True))
+    assert values is not None and metrics.tail_tests is not None
+    assert metrics.tail_tests.message == ""
+    expected = _powerlaw_compare(values[values > 1e-5], metrics.fit.xmin)
+    assert _numbers(metrics.tail_tests) == expected
+    # The fit itself is the plain one: the tests only add a field.
+    assert metrics.fit == analyze_layer([weight]).fit
+    assert all(0 <= p <= 1 for p in expected[1::2])
+
+
+def test_tail_tests_use_the_clipped_tail() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        weight = rng.standard_normal((1024, 256))
+        options = EngineOptions(fix_fingers="clip_xmax", tail_tests=True)
+        metrics, values = analyze_layer_spectrum([weight], options=options)
+        if metrics.num_fingers:
+            break
+    else:
+        pytest.fail("no layer with fingers")
+    assert values is not None and metrics.tail_tests is not None
+    clipped = clip_xmax_fit(values).clipped
+    data = np.sort(values[values > 1e-5])[: values.size - clipped]
+    assert _numbers(metrics.tail_tests) == _powerlaw_compare(data, metrics.fit.xmin)
+    assert _numbers(metrics.tail_tests) != _powerlaw_compare(values, metrics.fit.xmin)
+
+
+def test_tail_tests_of_no_tail() -> None:
+    metrics = analyze_layer([np.ones((30, 20))], options=EngineOptions(tail_tests=True))
+    assert metrics.tail_tests is not None and metrics.tail_tests.message.startswith("no tail")
+    assert all(math.isnan(x) for x in _numbers(metrics.tail_tests))
+    assert math.isnan(tail_tests(np.arange(1.0, 10.0), xmin=100.0).R_lognormal)
+
+
 def test_powerlaw_output_is_dropped_for_this_thread_only(capfd: pytest.CaptureFixture[str]) -> None:
     seen: list[bool] = []
 
@@ -163,7 +218,7 @@ def test_a_missing_powerlaw_is_a_clear_error() -> None:
         "import sys; sys.modules['powerlaw'] = None\n"
         "import numpy as np\n"
         "from wwcli.engine import EngineOptions, analyze_layer\n"
-        "for options in (EngineOptions(fit='tpl'), EngineOptions(fit='tpl')):\n"
+        "for options in (EngineOptions(fit='tpl'), EngineOptions(tail_tests=True)):\n"
         "    try:\n"
         "        analyze_layer([np.eye(20)], options=options)\n"
         "    except ValueError as error:\n"

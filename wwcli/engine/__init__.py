@@ -250,8 +250,6 @@ def _fit_options(
     from wwcli.engine import tpl  # powerlaw is imported only from here, only when needed
 
     extras: dict[str, Any] = {}
-    if options.tail_tests:
-        raise ValueError("tail_tests are not available yet")
     clipped = 0
     if options.fix_fingers == "clip_xmax":
         result = clip_xmax_fit(values, threshold=threshold, raw_fit=fit)
@@ -274,4 +272,11 @@ def _fit_options(
             else:
                 fit = PowerLawFit.failed("TPL: no fit at the clipped tail's xmin")
         extras["Lambda"] = Lambda
+    if options.tail_tests:
+        if fit.status is FitStatus.SUCCESS:
+            tests = tpl.tail_tests(values, xmin=fit.xmin, threshold=threshold, clipped=clipped)
+        else:
+            tpl.import_powerlaw()  # the same error without powerlaw, whatever the layer
+            tests = TailTests.failed(f"no tail to test: {fit.message}")
+        extras["tail_tests"] = tests
     return fit, extras

@@ -37,6 +37,7 @@ warnings are silenced with ``np.errstate`` (thread-local).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import threading
@@ -57,6 +58,7 @@ __all__ = [
     "TPLFit",
     "TailTests",
     "import_powerlaw",
+    "tail_tests",
     "tpl_at_xmin",
     "tpl_fit",
 ]
@@ -221,3 +223,48 @@ def tpl_at_xmin(tail: ArrayLike, *, xmin: float) -> tuple[float, float]:
             return float(law.alpha), float(law.Lambda)
     except Exception:  # powerlaw and mpmath raise many kinds on bad numbers
         return math.nan, math.nan
+
+
+def tail_tests(
+    eigenvalues: ArrayLike, *, xmin: float, threshold: float = 1e-5, clipped: int = 0
+) -> TailTests:
+    """Likelihood-ratio tests of power law vs lognormal and vs exponential on the values above
+    `threshold`, without the `clipped` largest, that are >= `xmin` (module doc).
+
+    Never raises for bad numbers (NaN results with a message); ValueError when `powerlaw` 1.5 is
+    not installed. Cost: two numerical fits (lognormal, exponential) of the tail, milliseconds
+    to tens of milliseconds.
+    """
+    powerlaw = import_powerlaw()
+    if not (isinstance(xmin, int | float) and math.isfinite(xmin) and xmin > 0):
+        return TailTests.failed(f"no tail to test: xmin is {xmin}")
+    values: NDArray[Any] = np.asarray(eigenvalues, dtype=np.float64)
+    data = _tail_data(values, threshold)
+    if isinstance(data, str):
+        return TailTests.failed(f"tail tests: {data}")
+    if clipped:
+        data = data[: data.size - clipped]
+    tail_size = int(np.count_nonzero(data >= xmin))
+    if tail_size < 2:
+        return TailTests.failed(f"tail tests: {tail_size} value(s) >= xmin {xmin:.6g}, not 2")
+    try:
+        with _quiet():
+            fit = powerlaw.Fit(data, xmin=float(xmin), xmax=None, verbose=False)
+            R_lognormal, p_lognormal = fit.distribution_compare(
+                "power_law", "lognormal", normalized_ratio=True
+            )
+            R_exponential, p_exponential = fit.distribution_compare(
+                "power_law", "exponential", normalized_ratio=True
+            )
+    except Exception as error:  # powerlaw and scipy raise many kinds on bad numbers
+        return TailTests.failed(f"tail tests: powerlaw failed: {type(error).__name__}: {error}")
+    result = TailTests(
+        R_lognormal=float(R_lognormal),
+        p_lognormal=float(p_lognormal),
+        R_exponential=float(R_exponential),
+        p_exponential=float(p_exponential),
+    )
+    numbers = (result.R_lognormal, result.p_lognormal, result.R_exponential, result.p_exponential)
+    if all(math.isfinite(x) for x in numbers):
+        return result
+    return dataclasses.replace(result, message="tail tests: a result is not finite")
