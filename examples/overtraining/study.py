@@ -1,13 +1,13 @@
 """Validation study: do weight-only diagnostics tell which checkpoints lost test accuracy?
 
 The seed MLP (experiment.py's; trained as `study_train.py` says) is trained on scikit-learn's
-digits over a grid: label noise 0, 0.2 and 0.4; 250 training images and the full 1,257; five
-seeds (1-3 select the rule, 4-5 judge it); fc2 of width 100 (a 300x100 kernel) and 300
+digits over a grid: label noise 0, 0.2 and 0.4; 250 training images and the full 1,257; four
+seeds (1-2 select the rule, 3-4 judge it); fc2 of width 100 (a 300x100 kernel) and 300
 (300x300); batch sizes 32, 16, 8, 4, 2, 1.
 Every initial and trained model is saved as a PyTorch state dict, and wwcli measures fc2 of each
-checkpoint (its loader and engine: alpha, clip_xmax alpha, the MP fit, randomized spectra and
-traps, detX) and the update W - W_init. Then one rule from a family declared here is chosen on
-the selection seeds and judged on the held-out seeds.
+checkpoint through its Python API (`wwcli.analysis.analyze_path`: alpha, clip_xmax alpha, the MP
+fit, randomized spectra and traps, detX) and the update W - W_init (`--base`). Then one rule
+from a family declared here is chosen on the selection seeds and judged on the held-out seeds.
 
 Declared before any diagnostic was looked at (README.md, "The validation study"):
 
@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from study_train import RunResult, RunSpec, run_one  # noqa: E402
+from study_train import RunResult, RunSpec, finished_run, run_one  # noqa: E402
 
 MARGIN = 0.01
 """A run lost test accuracy when it is below its group's batch-size-32 run by more than this."""
@@ -130,14 +130,14 @@ class StudyConfig:
 FULL = StudyConfig(
     noise_levels=(0.0, 0.2, 0.4),
     train_sizes=(250, 0),
-    selection_seeds=(1, 2, 3),
-    held_out_seeds=(4, 5),
+    selection_seeds=(1, 2),
+    held_out_seeds=(3, 4),
     hidden=(100, 300),
     batch_sizes=(32, 16, 8, 4, 2, 1),
     learning_rate=0.01,
-    max_epochs=300,
+    max_epochs=200,
 )
-"""The study: 60 groups (noise x training set x seed x width) of 6 batch sizes, 360 models."""
+"""The study: 48 groups (noise x training set x seed x width) of 6 batch sizes, 288 models."""
 
 REDUCED = StudyConfig(
     noise_levels=(0.0, 0.4),
@@ -155,133 +155,82 @@ REDUCED = StudyConfig(
 # --- diagnostics through wwcli ------------------------------------------------------------------
 
 
-def fc2_matrix(path: str) -> Any:
-    """fc2's weight matrix as wwcli's loader reads it from a checkpoint."""
-    from wwcli.loaders import open_checkpoint
-
-    with open_checkpoint(Path(path)) as checkpoint:
-        for layer in checkpoint.layers():
-            if layer.name == "fc2":
-                return checkpoint.matrices(layer)[0]
-    raise KeyError(f"{path}: no layer fc2")
+def _fc2(report: Any) -> Any:
+    """The fc2 LayerResult of an analyze_path outcome (RuntimeError for an input failure)."""
+    for layer in getattr(report, "layers", ()):
+        if layer.spec.name == "fc2":
+            return layer
+    raise RuntimeError(f"wwcli could not analyze fc2: {report}")
 
 
-def _engine_function(module: str, name: str) -> Callable[..., Any] | None:
-    """wwcli.engine.MODULE.NAME, or None while that module does not exist yet."""
-    import importlib
-
-    try:
-        function: Callable[..., Any] = getattr(
-            importlib.import_module(f"wwcli.engine.{module}"), name
-        )
-    except (ImportError, AttributeError):
-        return None
-    return function
+def _count(value: int | None) -> float:
+    """A count as a float; None and -1 (not computed) as NaN."""
+    return math.nan if value is None or value < 0 else float(value)
 
 
-def _nan_if_none(value: float | int | None) -> float:
-    return math.nan if value is None else float(value)
-
-
-def spectrum_numbers(
-    matrix: Any, *, seed: int, prefix: str = "", extras: bool = True
-) -> dict[str, float]:
-    """wwcli's engine on one matrix: the fit, the MP fit and, with `extras`, clip_xmax,
-    randomized spectra and detX.
-
-    Groups whose engine module is not importable come out NaN (the study records which)."""
-    import dataclasses
-
-    import numpy as np
-
-    from wwcli.engine import EngineOptions, analyze_layer_spectrum
-
-    metrics, evals = analyze_layer_spectrum([matrix])
-    N, M = metrics.N, metrics.M
+def layer_numbers(layer: Any) -> dict[str, float]:
+    """What the study records of one wwcli LayerResult analyzed with the MP fit, randomized
+    spectra and detX (and, where it has one, the update against its base)."""
+    metrics = layer.metrics
+    M = metrics.M
     out: dict[str, float] = {
         "alpha": metrics.alpha,
         "D": metrics.fit.D,
-        "num_pl_spikes": float(metrics.fit.num_pl_spikes),
-        "pl_spike_frac": metrics.fit.num_pl_spikes / M,
+        "num_pl_spikes": _count(metrics.fit.num_pl_spikes),
+        "pl_spike_frac": _count(metrics.fit.num_pl_spikes) / M,
         "lambda_max": metrics.lambda_max,
         "frobenius": math.sqrt(metrics.norm),
     }
-    fields = {field.name for field in dataclasses.fields(EngineOptions)}
-    out["alpha_clip"] = math.nan
-    out["num_fingers"] = math.nan
-    if extras and "fix_fingers" in fields:
-        clipped, _ = analyze_layer_spectrum(
-            [matrix], options=EngineOptions(fix_fingers="clip_xmax")
-        )
-        out["alpha_clip"] = clipped.alpha
-        out["num_fingers"] = _nan_if_none(getattr(clipped, "num_fingers", None))
-    for name in (
-        "mp_num_spikes",
-        "mp_spike_frac",
-        "sigma_mp",
-        "mp_softrank",
-        "num_traps",
-        "rand_distance",
-        "rand_num_spikes",
-        "detX_num",
-        "detX_frac",
-    ):
-        out[name] = math.nan
-    if evals is None:
-        return {prefix + name: value for name, value in out.items()}
-    mp_fit = _engine_function("mpfit", "mp_fit")
-    if mp_fit is not None:
-        mp = mp_fit(evals, N=N, M=M, rf=1)
-        out["mp_num_spikes"] = float(mp.num_spikes)
-        out["mp_spike_frac"] = mp.num_spikes / M
-        out["sigma_mp"] = mp.sigma_mp
-        out["mp_softrank"] = mp.mp_softrank
-    randomized_esd = _engine_function("randomize", "randomized_esd") if extras else None
-    if randomized_esd is not None:
-        rand = randomized_esd(
-            [matrix], evals, N=N, M=M, rf=1, conv2d_norm=False, rng=np.random.default_rng(seed)
-        )
-        out["num_traps"] = float(rand.num_traps)
-        out["rand_distance"] = rand.rand_distance
-        out["rand_num_spikes"] = float(rand.rand_num_spikes)
-    detx = _engine_function("detx", "detx") if extras else None
-    if detx is not None:
-        dx = detx(evals, num_pl_spikes=metrics.fit.num_pl_spikes)
-        out["detX_num"] = float(dx.detX_num)
-        out["detX_frac"] = dx.detX_num / M
-    return {prefix + name: value for name, value in out.items()}
+    groups = layer.diagnostics
+    mp = groups.mp if groups is not None else None
+    out["mp_num_spikes"] = _count(mp.num_spikes) if mp is not None else math.nan
+    out["mp_spike_frac"] = out["mp_num_spikes"] / M
+    out["sigma_mp"] = mp.sigma_mp if mp is not None else math.nan
+    out["mp_softrank"] = mp.mp_softrank if mp is not None else math.nan
+    rand = groups.random if groups is not None else None
+    out["num_traps"] = _count(rand.num_traps) if rand is not None else math.nan
+    out["rand_distance"] = rand.rand_distance if rand is not None else math.nan
+    out["rand_num_spikes"] = _count(rand.rand_num_spikes) if rand is not None else math.nan
+    detx = groups.detx if groups is not None else None
+    out["detX_num"] = _count(detx.detX_num) if detx is not None else math.nan
+    out["detX_frac"] = out["detX_num"] / M
+    delta = groups.delta if groups is not None else None
+    if delta is not None:
+        out["delta_alpha"] = delta.alpha
+        out["delta_num_pl_spikes"] = _count(delta.num_pl_spikes)
+        out["delta_pl_spike_frac"] = out["delta_num_pl_spikes"] / M
+        out["delta_mp_num_spikes"] = _count(delta.num_spikes)
+        out["delta_mp_spike_frac"] = out["delta_mp_num_spikes"] / M
+        out["delta_lambda_max"] = delta.spectral_norm
+        out["delta_frobenius"] = math.sqrt(delta.norm)
+    return out
 
 
-def diagnose(checkpoint: str, init_checkpoint: str, seed: int) -> dict[str, float]:
-    """Every diagnostic of fc2 in a checkpoint, and of its update W - W_init (delta_*)."""
-    import numpy as np
+def diagnose(checkpoint: str, init_checkpoint: str | None) -> dict[str, float]:
+    """fc2 of a checkpoint through wwcli's Python API (what `wwcli analyze --layers name:fc2
+    --mp-fit --randomize --detx --base INIT` computes; a second run for --fix-fingers clip_xmax,
+    which changes alpha itself). Without an init checkpoint: no update numbers."""
+    from wwcli.analysis import analyze_path
+    from wwcli.diagnostics import Diagnostics
+    from wwcli.engine import EngineOptions
+    from wwcli.settings import RunSettings
 
-    trained = np.asarray(fc2_matrix(checkpoint), dtype=np.float64)
-    initial = np.asarray(fc2_matrix(init_checkpoint), dtype=np.float64)
-    numbers = spectrum_numbers(trained, seed=seed)
-    update = spectrum_numbers(trained - initial, seed=seed, prefix="delta_", extras=False)
-    keep = (
-        "alpha",
-        "num_pl_spikes",
-        "pl_spike_frac",
-        "mp_num_spikes",
-        "mp_spike_frac",
-        "lambda_max",
-        "frobenius",
-    )
-    numbers.update({f"delta_{name}": update[f"delta_{name}"] for name in keep})
-    numbers["delta_rel_norm"] = numbers["delta_frobenius"] / float(np.linalg.norm(initial))
+    diagnostics = Diagnostics(mp_fit=True, randomize=True, detx=True, base=init_checkpoint)
+    layer = _fc2(analyze_path(checkpoint, RunSettings(layers="name:fc2", diagnostics=diagnostics)))
+    numbers = layer_numbers(layer)
+    clipping = RunSettings(layers="name:fc2", engine=EngineOptions(fix_fingers="clip_xmax"))
+    clipped = _fc2(analyze_path(checkpoint, clipping)).metrics
+    numbers["alpha_clip"] = clipped.alpha
+    numbers["num_fingers"] = _count(clipped.num_fingers)
+    if init_checkpoint is not None:
+        plain = RunSettings(layers="name:fc2")
+        initial = _fc2(analyze_path(init_checkpoint, plain)).metrics
+        numbers["delta_rel_norm"] = numbers["delta_frobenius"] / math.sqrt(initial.norm)
     return numbers
 
 
-def _diagnose_job(args: tuple[str, str, int]) -> dict[str, float]:
+def _diagnose_job(args: tuple[str, str | None]) -> dict[str, float]:
     return diagnose(*args)
-
-
-def _init_job(args: tuple[str, int]) -> dict[str, float]:
-    import numpy as np
-
-    return spectrum_numbers(np.asarray(fc2_matrix(args[0]), dtype=np.float64), seed=args[1])
 
 
 # --- labels, rules and scores -------------------------------------------------------------------
@@ -661,15 +610,17 @@ def cost(spec: RunSpec) -> float:
     """A rough cost of a run (SGD steps at the cap, a step's fixed cost folded in), to start
     the expensive runs first."""
     n = spec.train_size or 1257
-    return spec.max_epochs * n / spec.batch_size * (1 + spec.batch_size / 8) * spec.hidden
+    return spec.max_epochs * n / spec.batch_size * (1 + spec.batch_size / 8) * spec.hidden**0.5
 
 
 def train_all(config: StudyConfig, folder: Path, workers: int) -> list[RunResult]:
     """Train the grid, most expensive first; results in grid order."""
     specs = config.specs()
-    order = sorted(range(len(specs)), key=lambda i: -cost(specs[i]))
+    results: list[RunResult | None] = [finished_run(folder, spec) for spec in specs]
+    todo = [i for i, result in enumerate(results) if result is None]
+    order = sorted(todo, key=lambda i: -cost(specs[i]))
+    print(f"{len(specs) - len(todo)} of {len(specs)} runs done earlier", file=sys.stderr)
     done = pool_map(_train_job, [(specs[i], str(folder)) for i in order], workers)
-    results: list[RunResult | None] = [None] * len(specs)
     for index, result in zip(order, done, strict=True):
         results[index] = result
     return [result for result in results if result is not None]
@@ -677,7 +628,7 @@ def train_all(config: StudyConfig, folder: Path, workers: int) -> list[RunResult
 
 def run_rows(config: StudyConfig, runs: Sequence[RunResult], workers: int) -> list[dict[str, Any]]:
     """Diagnose every checkpoint and merge with how it was trained."""
-    jobs = [(run.checkpoint, run.init_checkpoint, run.spec.seed) for run in runs]
+    jobs = [(run.checkpoint, run.init_checkpoint) for run in runs]
     diagnostics = pool_map(_diagnose_job, jobs, workers)
     rows = []
     for run, numbers in zip(runs, diagnostics, strict=True):
@@ -742,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     analysis_started = time.perf_counter()
     rows = run_rows(config, runs, args.jobs)
     inits = sorted({(run.init_checkpoint, run.spec.seed, run.spec.hidden) for run in runs})
-    init_numbers = pool_map(_init_job, [(path, seed) for path, seed, _ in inits], args.jobs)
+    init_numbers = pool_map(_diagnose_job, [(path, None) for path, _, _ in inits], args.jobs)
     analysis_seconds = time.perf_counter() - analysis_started
 
     selection = [row for row in rows if row["split"] == "selection"]

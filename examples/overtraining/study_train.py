@@ -14,9 +14,10 @@ and so on), written with `torch.save`, so wwcli reads them as it reads any `.pt`
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -343,8 +344,25 @@ def init_path(folder: Path, *, seed: int, hidden: int) -> Path:
     return folder / f"init_seed{seed}_h{hidden}.pt"
 
 
+def checkpoint_path(folder: Path, spec: RunSpec) -> Path:
+    """Where a run's trained weights are saved; its RunResult goes beside it as .json."""
+    return folder / spec.group / f"bs{spec.batch_size}.pt"
+
+
+def finished_run(folder: Path, spec: RunSpec) -> RunResult | None:
+    """The result of this very run from an earlier, interrupted study, or None."""
+    sidecar = checkpoint_path(folder, spec).with_suffix(".json")
+    if not sidecar.exists():
+        return None
+    data = json.loads(sidecar.read_text())
+    if data["spec"] != asdict(spec):
+        return None
+    return RunResult(**{**data, "spec": spec})
+
+
 def run_one(spec: RunSpec, folder: Path) -> RunResult:
-    """Train one model and save it (and the initial weights, if not saved yet)."""
+    """Train one model and save it (and the initial weights, if not saved yet), with its
+    RunResult beside it (so that an interrupted study resumes where it stopped)."""
     started = time.perf_counter()
     data = load_data(noise=spec.noise, train_size=spec.train_size, seed=spec.seed)
     init = initial_weights(seed=spec.seed, hidden=spec.hidden)
@@ -355,10 +373,10 @@ def run_one(spec: RunSpec, folder: Path) -> RunResult:
         save_state_dict(init, aside)
         aside.replace(start_path)
     trained, info = train(spec, data, init)
-    path = folder / spec.group / f"bs{spec.batch_size}.pt"
+    path = checkpoint_path(folder, spec)
     save_state_dict(trained, path)
     scores = evaluate(trained, data)
-    return RunResult(
+    result = RunResult(
         spec=spec,
         checkpoint=str(path),
         init_checkpoint=str(start_path),
@@ -373,3 +391,5 @@ def run_one(spec: RunSpec, folder: Path) -> RunResult:
         init_test_accuracy=evaluate(init, data)["test_accuracy"],
         seconds=time.perf_counter() - started,
     )
+    path.with_suffix(".json").write_text(json.dumps(asdict(result)) + "\n")
+    return result
