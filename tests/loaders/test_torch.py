@@ -195,6 +195,13 @@ def test_legacy_format_is_read_without_mmap(
         assert_matrices_equal(
             checkpoint, {k.removesuffix(".weight"): v for k, v in small_state_dict().items()}
         )
+    assert calls == []  # wwcli's own reader, in both formats
+    monkeypatch.setenv(torch_loader.READER_ENV, "torch")  # torch's weights_only reader
+    for path in (legacy, modern):
+        checkpoint = open_torch(path)
+        assert_matrices_equal(
+            checkpoint, {k.removesuffix(".weight"): v for k, v in small_state_dict().items()}
+        )
     assert [(call["mmap"], call["weights_only"]) for call in calls] == [(False, True), (True, True)]
 
 
@@ -387,11 +394,17 @@ def test_a_trusted_dict_holding_a_module(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-def test_torchscript_is_refused(tmp_path: Path) -> None:
+def test_torchscript_is_read_as_its_state_dict_without_running_it(tmp_path: Path) -> None:
     path = tmp_path / "scripted.pt"
-    torch.jit.save(torch.jit.script(nn.Linear(4, 4)), path)
-    with pytest.raises(LoaderError, match=r"TorchScript.*can run code"):
-        open_torch(path)
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 4))), path)
+    checkpoint = open_torch(path)
+    assert checkpoint.format == "torchscript"
+    assert [(s.layer_id, s.name, s.layer_type) for s in checkpoint.layers()] == [
+        (0, "0", LayerType.DENSE),
+        (1, "1", LayerType.DENSE),
+    ]
+    state = torch.jit.load(path).state_dict()
+    assert_matrices_equal(checkpoint, {k.removesuffix(".weight"): v for k, v in state.items()})
 
 
 # --- .bin folders -------------------------------------------------------------------------
@@ -500,8 +513,9 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 def test_missing_torch_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
+    assert len(torch_loader.open_torch(STATE_DICT).layers()) == 6  # read without torch
     with pytest.raises(LoaderError, match=r"pip install 'wwcli\[torch\]'"):
-        torch_loader.open_torch(STATE_DICT)
+        torch_loader.open_torch(STATE_DICT, trust_pickle=True)
 
 
 def test_matrices_of_a_skipped_or_foreign_layer_fail_cleanly() -> None:

@@ -1,8 +1,13 @@
 """Reads PyTorch checkpoints (`.pt`, `.pth`, `.bin`, `.ckpt`): state dicts and the dicts
-training code writes around them, with `torch.load(weights_only=True)`, memory-mapped where the
-file is in torch's zip format. Nothing in a pickle runs unless the user says `--trust-pickle`.
+training code writes around them, and TorchScript archives, without torch: wwcli's own
+restricted unpickler (`_torchpickle`) over the memory-mapped file (`_torchfiles`), in torch's
+zip format and in its legacy format. Nothing in a pickle runs, and nothing a file names is
+imported.
 
-torch is imported only when a file of this format is opened.
+torch is imported only with `--trust-pickle` (`torch.load(weights_only=False)`, which can run
+the file's code, for a pickled `nn.Module`), when `WWCLI_TORCH_READER=torch` asks for torch's
+own `weights_only` reader, or for the rare tensors only torch rebuilds (a wrapper subclass, a
+device tensor from numpy), which torch's `weights_only` reader then reads as before.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import pickle
 import re
 import signal
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -22,7 +28,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import numpy as np
 
@@ -57,6 +63,37 @@ Lightning's `state_dict`, the tutorial `model_state_dict`, fairseq's `model`, De
 
 INSTALL_HINT = "pip install 'wwcli[torch]'"
 
+READER_ENV = "WWCLI_TORCH_READER"
+"""`torch` reads PyTorch files with torch.load(weights_only=True), as wwcli did before it had a
+reader of its own (for comparing the two, and as a way back should the own reader refuse a
+file torch reads)."""
+
+
+def torch_reader_asked() -> bool:
+    """Whether `WWCLI_TORCH_READER=torch` asks for torch's weights_only reader."""
+    return os.environ.get(READER_ENV, "").strip().lower() == "torch"
+
+
+def _torch_loaded() -> Any | None:
+    """The torch module when something already imported it; None otherwise (never imports)."""
+    return sys.modules.get("torch")
+
+
+def is_tensor(value: object) -> bool:
+    """A tensor of either reader: a StoredTensor, or a torch.Tensor when torch is loaded."""
+    from wwcli.loaders._torchpickle import StoredTensor
+
+    if isinstance(value, StoredTensor):
+        return True
+    torch = _torch_loaded()
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def is_module(value: object) -> bool:
+    """An nn.Module (only torch.load with --trust-pickle builds one)."""
+    torch = _torch_loaded()
+    return torch is not None and isinstance(value, torch.nn.Module)
+
 
 def _import_torch(path: Path) -> Any:
     try:
@@ -90,9 +127,10 @@ def open_torch(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     checkpoint, or (without `trust_pickle`) it holds Python objects whose loading can run code.
     """
     with reading_boundary(path), deadline(path, torch_timeout(path)):
+        if _container_kind(path) == "torchscript":
+            return torchscript_checkpoint(path)
         found = find_weights(path, load_checkpoint_object(path, trust_pickle=trust_pickle))
-        torch = _import_torch(path)
-        if isinstance(found.weights, torch.nn.Module):
+        if is_module(found.weights):
             return TorchModuleCheckpoint(path, found.weights, source_note=found.note)
         loaded = LoadedStateDict(checked_state_dict(path, found.weights), found.note)
         return state_dict_checkpoint(path, loaded, "torch")
@@ -104,9 +142,11 @@ def load_state_dict(path: Path, *, trust_pickle: bool = False) -> LoadedStateDic
     Raises LoaderError as `open_torch` does, and when the file holds a whole module.
     """
     with reading_boundary(path), deadline(path, torch_timeout(path)):
+        if _container_kind(path) == "torchscript":
+            script = torchscript_state_dict(path)
+            return LoadedStateDict(checked_state_dict(path, script.tensors), _SCRIPT_NOTE)
         found = find_weights(path, load_checkpoint_object(path, trust_pickle=trust_pickle))
-        torch = _import_torch(path)
-        if isinstance(found.weights, torch.nn.Module):
+        if is_module(found.weights):
             raise LoaderError(
                 f"{path}: holds a whole {type(found.weights).__name__} module, not a state dict; "
                 "open the file itself to number its modules"
@@ -134,8 +174,20 @@ def _same_weights_key(tensor: Any) -> tuple[object, ...] | None:
     strides and dtype (torch.save keeps a tied weight as one storage, and torch.load gives
     both keys tensors over it). None for a tensor without plain storage (meta, nested,
     sparse, quantized, subclasses): such a one is never called tied."""
-    import torch
+    from wwcli.loaders._torchpickle import StoredTensor
 
+    if isinstance(tensor, StoredTensor):
+        if tensor.kind is not None or tensor.storage is None or tensor.numel() == 0:
+            return None
+        return (
+            tensor.storage.begin + tensor.offset * tensor.element_size,
+            tensor.shape,
+            tensor.stride,
+            tensor.dtype,
+        )
+    torch = _torch_loaded()
+    if torch is None:
+        return None
     if (
         type(tensor) not in (torch.Tensor, torch.nn.Parameter)
         or tensor.layout != torch.strided
@@ -183,14 +235,58 @@ def tensor_reader(tensors: Mapping[str, Any]) -> TensorReader:
 
 
 def load_checkpoint_object(path: Path, *, trust_pickle: bool) -> object:
+    """What the file's pickle holds. Without `trust_pickle`, read by wwcli's restricted
+    unpickler (tensors as StoredTensor over the memory-mapped file; torch is not imported),
+    or by torch.load(weights_only=True) when `WWCLI_TORCH_READER=torch` asks or the file holds
+    a tensor only torch rebuilds. With `trust_pickle`, torch.load(weights_only=False). The
+    pickle's shape is checked first either way."""
+    from wwcli.loaders._torchpickle import NeedsTorchError
+
+    container = _container_kind(path)
+    if container == "torchscript":
+        raise LoaderError(f"{path}: a TorchScript archive; open it with open_torch")
+    check_pickle_shape(path, container)
+    if not trust_pickle and not torch_reader_asked():
+        try:
+            return _load_without_torch(path, container)
+        except NeedsTorchError:
+            pass  # a tensor torch's weights_only reader rebuilds: as before, through torch
+    return _torch_load(path, container, trust_pickle=trust_pickle)
+
+
+def _load_without_torch(path: Path, container: str) -> object:
+    """The file's object through wwcli's restricted unpickler; LoaderError with today's
+    messages for what it refuses (`_unsafe_message`) and for a damaged pickle. NeedsTorchError
+    passes through."""
+    from wwcli.loaders._torchfiles import read_legacy, read_zip
+    from wwcli.loaders._torchpickle import DamagedPickleError, RefusedPickleError
+
+    try:
+        file = read_zip(path) if container == "zip" else read_legacy(path)
+    except RefusedPickleError as refused:
+        detail = refused.name
+        if detail is None:
+            globals_named = pickle_globals(path, container)
+            if globals_named is None:
+                raise LoaderError(
+                    f"{path}: not a readable PyTorch checkpoint (damaged pickle)"
+                ) from None
+            detail = next(
+                (_python3_name(name) for name in globals_named if not _is_torch_allowed(name)),
+                None,
+            )
+        raise LoaderError(_unsafe_message(path, detail)) from None
+    except DamagedPickleError as damaged:
+        raise LoaderError(
+            f"{path}: not a readable PyTorch checkpoint (damaged pickle: {damaged})"
+        ) from None
+    return file.loaded
+
+
+def _torch_load(path: Path, container: str, *, trust_pickle: bool) -> object:
     """torch.load the file: weights_only (allow-listed types only) unless `trust_pickle`,
     memory-mapped when the file is in torch's zip format."""
-    container = _container_kind(path)
     torch = _import_torch(path)
-    if container == "torchscript" and not trust_pickle:
-        raise LoaderError(_unsafe_message(path, "a TorchScript program"))
-    if container != "torchscript":
-        check_pickle_shape(path, container)
     try:
         with warnings.catch_warnings():
             # torch's notes about pickle protocols and TorchScript are not for our users.
@@ -237,7 +333,7 @@ def _container_kind(path: Path) -> str:
             raise LoaderError(f"{path}: damaged zip archive (truncated?): {error}") from error
         if any(name.endswith("/constants.pkl") for name in names):
             return "torchscript"
-        if not any(name.endswith("/data.pkl") for name in names):
+        if _data_pkl_member(names) is None:
             raise LoaderError(f"{path}: a zip archive without data.pkl, not a PyTorch checkpoint")
         return "zip"
     if head[:1] == PICKLE_PROTO and 2 <= head[1] <= 5:
@@ -378,20 +474,25 @@ def check_pickle_shape(path: Path, container: str) -> None:
     `MAX_PICKLE_DEPTH`; say nothing of a pickle that does not parse (torch will say why)."""
     import io
 
-    if container == "zip":
+    if container in ("zip", "torchscript"):
         try:
             with zipfile.ZipFile(path) as archive:
-                member = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+                member = _data_pkl_member(archive.namelist())
                 if member is None:
                     return
                 data = archive.read(member)  # its size checked by check_members
         except ZIP_ERRORS:
-            return  # torch's reader will say what is wrong with the member
+            return  # the reader will say what is wrong with the member
         _check_pickles(path, io.BytesIO(data), len(data), 1)
         return
     with path.open("rb") as stream:
         # torch's legacy format: magic number, protocol, system info, the object, storage keys.
         _check_pickles(path, stream, path.stat().st_size, 5)
+
+
+def _data_pkl_member(names: list[str]) -> str | None:
+    """The archive's `<top>/data.pkl`, the one member every reader here reads as the pickle."""
+    return next((n for n in names if n.endswith("/data.pkl") and n.count("/") == 1), None)
 
 
 def _check_pickles(path: Path, stream: BinaryIO, size: int, count: int) -> None:
@@ -635,9 +736,9 @@ def pickle_globals(path: Path, container: str) -> list[str] | None:
     import io
 
     try:
-        if container == "zip":
+        if container in ("zip", "torchscript"):
             with zipfile.ZipFile(path) as archive:
-                member = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+                member = _data_pkl_member(archive.namelist())
                 if member is None:
                     return None
                 data = archive.read(member)
@@ -732,8 +833,6 @@ def find_weights(path: Path, loaded: object) -> FoundWeights:
     candidate with the most `.weight` tensors wins, so an optimizer state (int keys, no
     `.weight`) never beats the model's weights.
     """
-    import torch
-
     found = _search(loaded, (), _SearchBudget(path, set()))
     if found is None:
         raise LoaderError(f"{path}: holds no tensors to analyze ({_describe(loaded)})")
@@ -741,7 +840,7 @@ def find_weights(path: Path, loaded: object) -> FoundWeights:
     if not trail:
         return FoundWeights(weights, None)
     where = "".join(f"[{key!r}]" for key in trail)
-    kind = "module" if isinstance(weights, torch.nn.Module) else "state dict"
+    kind = "module" if is_module(weights) else "state dict"
     others = [str(key) for key in loaded if key != trail[0]] if isinstance(loaded, Mapping) else []
     also = f"; the file also holds: {', '.join(others)}" if others else ""
     return FoundWeights(weights, printable(f"the {kind} under {where}{also}"))
@@ -757,11 +856,9 @@ def _describe(loaded: object) -> str:
 def _score(weights: Any) -> tuple[int, int]:
     """(number of `.weight` tensors, number of tensors): how much a candidate looks like the
     model's weights."""
-    import torch
-
-    if isinstance(weights, torch.nn.Module):
+    if is_module(weights):
         weights = weights.state_dict()
-    keys = [key for key, value in weights.items() if isinstance(value, torch.Tensor)]
+    keys = [key for key, value in weights.items() if is_tensor(value)]
     return sum(str(key).endswith(".weight") for key in keys), len(keys)
 
 
@@ -788,9 +885,7 @@ def _search(
     loaded: object, trail: tuple[object, ...], budget: _SearchBudget
 ) -> tuple[Any, tuple[object, ...]] | None:
     """Depth-first search for the weights; `trail` is the keys walked so far."""
-    import torch
-
-    if isinstance(loaded, torch.nn.Module):
+    if is_module(loaded):
         return loaded, trail
     if not isinstance(loaded, Mapping) or len(trail) > MAX_NESTING or id(loaded) in budget.seen:
         return None
@@ -806,9 +901,7 @@ def _search(
             found = _search(loaded[key], (*trail, key), budget)
             if found is not None and _score(found[0])[1] > 0:
                 return found
-    if any(
-        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
-    ):
+    if any(isinstance(key, str) and is_tensor(value) for key, value in loaded.items()):
         return loaded, trail
     best: tuple[Any, tuple[object, ...]] | None = None
     for key, value in loaded.items():
@@ -831,8 +924,6 @@ def checked_state_dict(path: Path, weights: Mapping[Any, Any]) -> dict[str, Any]
     is not valid text (a lone surrogate: refused rather than escaped, since an escaped name
     would match no key of the model), two keys that read the same, a tensor view that overlaps
     itself or reaches past its storage (`check_view`)."""
-    import torch
-
     checked: dict[str, Any] = {}
     for key, value in weights.items():
         name = key if isinstance(key, str) else str(key)
@@ -845,13 +936,13 @@ def checked_state_dict(path: Path, weights: Mapping[Any, Any]) -> dict[str, Any]
             ) from None
         if name in checked:
             raise LoaderError(f"{path}: two keys of the state dict both read as {name!r}")
-        if isinstance(value, torch.Tensor):
+        if is_tensor(value):
             check_view(path, name, value)
         checked[name] = value
     return checked
 
 
-def check_view(path: Path, key: str, tensor: torch.Tensor) -> None:
+def check_view(path: Path, key: str, tensor: Any) -> None:
     """Refuse a dense tensor whose view of its storage a real state dict never has.
 
     A stored weight is contiguous, or a transpose, permutation or slice of a contiguous tensor
@@ -862,20 +953,33 @@ def check_view(path: Path, key: str, tensor: torch.Tensor) -> None:
     dimension of more than one element, in order of increasing stride, must step past
     everything the smaller ones reach (no element is used twice), and the last element must
     lie within the storage's bytes. Then the view's size is at most the bytes stored. Read from
-    size, stride, storage_offset and untyped_storage().nbytes(): nothing is materialized.
+    size, stride, storage_offset and untyped_storage().nbytes() (a StoredTensor's own fields):
+    nothing is materialized. A StoredTensor's storage was checked to lie within its zip member
+    or the file when the file was read (`_torchfiles`).
     """
-    import torch
+    from wwcli.loaders._torchpickle import StoredTensor
 
-    if (
-        tensor.layout != torch.strided
-        or tensor.is_meta
-        or tensor.is_nested
-        or tensor.is_quantized
-        or tensor.numel() == 0
-    ):
-        return
-    shape = tuple(int(dim) for dim in tensor.shape)
-    strides = tuple(int(step) for step in tensor.stride())
+    if isinstance(tensor, StoredTensor):
+        if tensor.kind is not None or tensor.storage is None or tensor.numel() == 0:
+            return
+        shape, strides = tensor.shape, tensor.stride
+        offset, element_size = tensor.offset, tensor.element_size
+        stored = tensor.storage.nbytes
+    else:
+        import torch
+
+        if (
+            tensor.layout != torch.strided
+            or tensor.is_meta
+            or tensor.is_nested
+            or tensor.is_quantized
+            or tensor.numel() == 0
+        ):
+            return
+        shape = tuple(int(dim) for dim in tensor.shape)
+        strides = tuple(int(step) for step in tensor.stride())
+        offset, element_size = int(tensor.storage_offset()), int(tensor.element_size())
+        stored = int(tensor.untyped_storage().nbytes())
     reach = 0
     for step, size in sorted((st, sz) for sz, st in zip(shape, strides, strict=True) if sz > 1):
         if step <= reach:
@@ -885,8 +989,7 @@ def check_view(path: Path, key: str, tensor: torch.Tensor) -> None:
                 "stored weight never does)"
             )
         reach += (size - 1) * step
-    end = (int(tensor.storage_offset()) + reach + 1) * tensor.element_size()
-    stored = int(tensor.untyped_storage().nbytes())
+    end = (offset + reach + 1) * element_size
     if end > stored:
         raise LoaderError(
             f"{path}: tensor {key!r} reaches byte {end} of a storage of {stored} bytes"
@@ -895,12 +998,17 @@ def check_view(path: Path, key: str, tensor: torch.Tensor) -> None:
 
 def tensor_entry(key: str, value: object) -> TensorEntry:
     """The state-dict view of one stored value (a tensor, or whatever else the file put there)."""
-    import torch
+    from wwcli.loaders._torchpickle import StoredTensor
 
-    if not isinstance(value, torch.Tensor):
+    if isinstance(value, StoredTensor):
+        return TensorEntry(
+            key=key, shape=value.shape, dtype=value.dtype, unreadable=_stored_unreadable(value)
+        )
+    if not is_tensor(value):
         return TensorEntry(
             key=key, shape=(), dtype="", unreadable=f"not a tensor ({type(value).__name__})"
         )
+    value = cast("torch.Tensor", value)
     unreadable = _unreadable(value)
     # A nested tensor has no single shape (its `.shape` raises); it is listed without one.
     shape = () if value.is_nested else tuple(int(dim) for dim in value.shape)
@@ -927,6 +1035,26 @@ complex, quantized, bits, integers, bool) is listed with its reason and never co
 INTEGER_DTYPES = frozenset(
     {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 )
+
+
+def _stored_unreadable(tensor: Any) -> str | None:
+    """`_unreadable` for a StoredTensor: the same reasons, in the same order."""
+    from wwcli.loaders._torchpickle import FLOAT8_DTYPES, float8_dtype
+
+    dtype = tensor.dtype
+    if tensor.kind is not None:
+        return str(tensor.kind)
+    if dtype.startswith("complex"):
+        return f"complex tensor ({dtype}), not analyzed"
+    if dtype == "bool":
+        return "boolean tensor, not analyzed"
+    if dtype in INTEGER_DTYPES:
+        return f"integer tensor ({dtype}), not analyzed"
+    if dtype not in ANALYZABLE_DTYPES:
+        return f"unsupported dtype {dtype}, not analyzed"
+    if dtype in FLOAT8_DTYPES and float8_dtype(dtype) is None:
+        return f"unsupported dtype {dtype} (install or upgrade ml_dtypes)"
+    return None
 
 
 def _unreadable(tensor: torch.Tensor) -> str | None:
@@ -956,15 +1084,90 @@ def _unreadable(tensor: torch.Tensor) -> str | None:
     return None
 
 
-def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A float tensor as numpy: float16/32/64 as stored (sharing memory where torch allows),
-    bfloat16 and float8 widened exactly to float32."""
+def tensor_to_numpy(tensor: Any) -> np.ndarray:
+    """A float tensor as numpy: float16/32/64 as stored (sharing memory: a view of the mapped
+    file, or of torch's tensor), bfloat16 and float8 widened exactly to float32."""
+    from wwcli.loaders._torchpickle import StoredTensor, tensor_array
+
+    if isinstance(tensor, StoredTensor):
+        return tensor_array(tensor)
     import torch
 
     tensor = tensor.detach()
     if tensor.dtype in (torch.float16, torch.float32, torch.float64):
-        return tensor.numpy()
-    return tensor.float().numpy()
+        return cast(np.ndarray, tensor.numpy())
+    return cast(np.ndarray, tensor.float().numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchScript archives: the module's parameters and buffers, never its code.
+
+_SCRIPT_NOTE = (
+    "the parameters and buffers of a TorchScript module, named as its state_dict() names them "
+    "(its code is never run)"
+)
+
+
+def torchscript_state_dict(path: Path) -> Any:
+    """The state dict of a TorchScript archive (`_torchfiles.ScriptStateDict`), read by the
+    restricted unpickler with its `__torch__.*` objects as inert attribute holders. Nothing is
+    imported and no TorchScript code runs, so no `--trust-pickle` is needed (and torch.jit.load,
+    which would compile the archive's code, is never used)."""
+    from wwcli.loaders._torchfiles import read_zip, script_state_dict
+    from wwcli.loaders._torchpickle import DamagedPickleError, NeedsTorchError, RefusedPickleError
+
+    check_pickle_shape(path, "torchscript")
+    try:
+        file = read_zip(path, script=True)
+    except RefusedPickleError as refused:
+        what = f" ({refused.name})" if refused.name else ""
+        raise LoaderError(
+            f"{path}: a TorchScript archive whose data.pkl holds Python objects{what} that a "
+            "TorchScript module never holds, so it was not loaded"
+        ) from None
+    except DamagedPickleError as damaged:
+        raise LoaderError(
+            f"{path}: not a readable TorchScript archive (damaged pickle: {damaged})"
+        ) from None
+    except NeedsTorchError as needs:
+        raise LoaderError(
+            f"{path}: a TorchScript archive holding a tensor rebuilt by {needs}, which wwcli "
+            "does not read"
+        ) from None
+    return script_state_dict(path, file)
+
+
+def torchscript_checkpoint(path: Path) -> StateDictCheckpoint:
+    """A TorchScript archive as a state dict: its `.weight` tensors numbered in state_dict()
+    order, typed by rank and by the `original_name` of the module that holds each (an
+    Embedding's 2-D weight is an embedding, a Linear's a dense matrix, a BatchNorm's 1-D
+    scale a norm), which changes no id and no number."""
+    script = torchscript_state_dict(path)
+    tensors = checked_state_dict(path, script.tensors)
+    checkpoint = state_dict_checkpoint(path, LoadedStateDict(tensors, _SCRIPT_NOTE), "torchscript")
+    checkpoint._numbered = [
+        dataclasses.replace(
+            numbered, spec=_typed_by_module(numbered.spec, script.owners.get(numbered.key, ""))
+        )
+        for numbered in checkpoint._numbered
+    ]
+    return checkpoint
+
+
+def _typed_by_module(spec: LayerSpec, owner: str) -> LayerSpec:
+    """A state-dict layer retyped by the class name of the TorchScript module holding it."""
+    words = owner.lower()
+    rank = len(spec.shape)
+    if rank == 2 and spec.layer_type in (LayerType.DENSE, LayerType.EMBEDDING):
+        if "embedding" in words:
+            return dataclasses.replace(spec, layer_type=LayerType.EMBEDDING)
+        if "linear" in words:
+            return dataclasses.replace(spec, layer_type=LayerType.DENSE)
+    if rank == 1 and "norm" in words and spec.layer_type is LayerType.OTHER:
+        return dataclasses.replace(
+            spec, layer_type=LayerType.NORM, skip_reason="normalization layer (1-D scale)"
+        )
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------
