@@ -269,3 +269,22 @@ def test_without_onnx_the_file_is_named(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(LoaderError, match=r"an ONNX model: install wwcli\[onnx\]"):
         open_onnx(EMBEDDED)
+
+
+def test_a_dead_helper_is_an_onnx_parser_crash_not_an_hdf5_one() -> None:
+    """The helper killed under the reader: the error names the ONNX parser, and the next file
+    gets a fresh helper."""
+    import signal
+
+    if isolated.in_process():
+        pytest.skip("ONNX is read in this process here")
+    checkpoint = open_checkpoint(EMBEDDED)
+    pid = isolated.helper_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(LoaderError, match=r"ONNX parser crashed \(SIGKILL\) while reading layer 0"):
+        checkpoint.matrices(checkpoint.layers()[0])
+    checkpoint.close()
+    with open_checkpoint(EMBEDDED) as again:
+        assert again.matrices(again.layers()[0])
+        assert isolated.helper_pid() not in (None, pid)

@@ -92,6 +92,8 @@ def sniff_format(path: Path) -> str:
         return "torch"
     if suffix in ONNX_SUFFIXES:
         return "onnx"
+    if suffix in (".gguf", ".npz", ".npy"):
+        return suffix[1:]  # not its magic: the reader says what is wrong
     if suffix in _UNSUPPORTED_SUFFIXES:
         raise LoaderError(f"{path}: {_UNSUPPORTED_SUFFIXES[suffix]}")
     if head[:1] == b"\x80":
