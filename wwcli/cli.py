@@ -1364,10 +1364,12 @@ def analyze(
     max_over_trained: Annotated[
         int,
         typer.Option(
+            "--max-trips",
             "--max-over-trained",
             min=0,
             metavar="N",
-            help="Exit 1 only when more than N gated layers trip.",
+            help="Exit 1 only when more than N gated layers trip (--max-over-trained: its "
+            "older name).",
             rich_help_panel=GATE,
         ),
     ] = 0,

@@ -408,7 +408,7 @@ def evaluate(run: RunResult, policy: GatePolicy | None = None) -> GateOutcome:
         code = ExitCode.OK
         if trips:
             notes.append(
-                f"{len(trips)} layers tripped, within --max-over-trained {policy.max_over_trained}"
+                f"{len(trips)} layers tripped, within --max-trips {policy.max_over_trained}"
             )
     rules = (policy.rule(),) if policy.fail_on else ()
     return GateOutcome(code, trips, tuple(judged), tuple(notes), empty, rules)

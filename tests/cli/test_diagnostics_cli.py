@@ -165,3 +165,9 @@ def test_the_verdict_describes_the_tail_and_warning_keeps_weightwatchers_word() 
     help_text = runner.invoke(app, ["analyze", "--help"]).stdout
     assert "possibly over-trained" not in help_text
     assert "--fit <power_law|tpl>" in help_text and "Slow" in help_text
+
+
+def test_max_trips_is_the_tolerance_under_its_new_name() -> None:
+    assert invoke(HEAVY, "--max-trips", "1").exit_code == 0  # type: ignore[attr-defined]
+    assert invoke(HEAVY, "--max-trips", "0").exit_code == 1  # type: ignore[attr-defined]
+    assert invoke(HEAVY, "--max-over-trained", "1").exit_code == 0  # type: ignore[attr-defined]

@@ -43,8 +43,9 @@ VERDICT_VALUES: dict[Verdict, str] = {
     Verdict.TYPICAL: "typical",
     Verdict.FAILED: "failed",
 }
-"""The `verdict` value of CSV and JSON rows (and of HTML row classes). Before 0.2 they were
-"over-trained" and "under-trained"; weightwatcher's words are still in the `warning` column."""
+"""The `verdict` value of CSV and JSON rows (and of HTML row classes). Development builds before
+the diagnostics wrote "over-trained" and "under-trained" here; weightwatcher's words are still in
+the `warning` column, and the summary keeps its `over_trained` / `under_trained` keys."""
 
 
 @dataclass(frozen=True)
