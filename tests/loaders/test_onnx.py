@@ -182,6 +182,30 @@ def test_alphas_equal_weightwatcher_on_the_exported_torch_model() -> None:
         assert ours[name] == pytest.approx(theirs[name], rel=1e-10), name
 
 
+def test_ids_sizes_and_alphas_equal_weightwatcher_on_the_onnx_model() -> None:
+    """weightwatcher 0.7.7 reads an ONNX ModelProto itself (ONNXLayer: initializer index, rank
+    2 dense, rank 4 conv2d): where both analyze a layer, the id, N, M, rf and alpha agree. It
+    also takes the LSTM's and GRU's 2-D biases for dense layers (1 and 2 eigenvalues, never
+    analyzed); wwcli lists them as biases."""
+    weightwatcher = pytest.importorskip("weightwatcher")
+    model = onnx.load(str(EMBEDDED))
+    details = _quietly(weightwatcher.WeightWatcher(model=model).analyze)
+    theirs = {int(row["layer_id"]): row for row in details.to_dict("records")}
+    report = analyze_path(EMBEDDED, RunSettings())
+    assert isinstance(report, CheckpointReport)
+    ours = {result.spec.layer_id: result for result in report.layers}
+    shared = set(theirs) & set(ours)
+    assert shared == {0, 4, 5, 13}
+    for layer_id in shared:
+        row, result = theirs[layer_id], ours[layer_id]
+        assert (int(row["N"]), int(row["M"]), int(row["rf"])) == (
+            result.spec.N,
+            result.spec.M,
+            result.spec.rf,
+        )
+        assert result.metrics.alpha == pytest.approx(row["alpha"], rel=1e-10), layer_id
+
+
 def test_recurrent_alphas_equal_the_state_dict_ones() -> None:
     """One matrix per gate block: the same pooled spectrum from ONNX's W and torch's weight_ih
     (gates in another order), for the unidirectional LSTM."""
