@@ -97,3 +97,74 @@ def test_workers_times_jobs_never_exceeds_the_cores() -> None:
     assert plan_execution(None, None, 3, cores=16, spread=False).jobs == 16
     with pytest.raises(ValueError):
         plan_execution(0, None, 3)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.slow  # 15-35 s here: the pool's processes start, then the signal
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ctrl_c_stops_the_worker_processes(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "run"
+    make_run(folder, count=6, hf_folders=(), scale=4)
+    wwcli = Path(sys.executable).parent / "wwcli"
+    command = [str(wwcli), "sweep", str(folder), "--no-cache", "--workers", "2", "-q"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    sweep = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=environment,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    )
+    try:
+        deadline = time.monotonic() + 60
+        workers: set[int] = set()
+        while len(workers) < 2 and time.monotonic() < deadline and sweep.poll() is None:
+            time.sleep(0.2)
+            workers = _children(sweep.pid)
+        assert len(workers) >= 2, "the pool's processes did not start"
+        os.kill(sweep.pid, signal.SIGINT)
+        _, err = sweep.communicate(timeout=30)
+    finally:
+        if sweep.poll() is None:
+            os.kill(sweep.pid, signal.SIGKILL)
+            sweep.wait()
+    assert sweep.returncode == -signal.SIGINT, err
+    assert b"interrupted" in err
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(pid) for pid in workers):
+        time.sleep(0.2)
+    left = {pid: _command_line(pid) for pid in workers if _running(pid)}
+    assert not left, f"left running: {left}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "?"

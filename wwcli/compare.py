@@ -317,7 +317,7 @@ def _number(value: float | None, digits: int = 3) -> str:
     if value is None or not math.isfinite(value):
         return "-"
     if value != 0 and abs(value) < 10 ** -(digits - 1):
-        return f"{value:.{digits - 1}e}"
+        return f"{value:+.{digits - 1}e}" if digits == 3 else f"{value:.{digits - 1}e}"
     return f"{value:+.{digits}f}" if digits == 3 else f"{value:.{digits}f}"
 
 

@@ -227,10 +227,15 @@ class ProcessRunner:
 def _stop_pool(pool: Any) -> None:
     """Stop a process pool now (Ctrl-C, an error): cancel what has not started and end the
     worker processes this runner started, by pid."""
+    # Taken before shutdown(), which forgets them.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    for process in processes:
         with contextlib.suppress(Exception):
             process.terminate()
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(timeout=5)
 
 
 # --- A Dask cluster ---------------------------------------------------------------------------
