@@ -399,17 +399,29 @@ def row_keys(registry: list[Column[Item]], groups: Collection[str] = ()) -> tupl
     )
 
 
+def row_columns(registry: list[Column[Item]], groups: Collection[str] = ()) -> list[Column[Item]]:
+    """The columns with a key that a run which computed `groups` has in its rows, in order."""
+    return [
+        column
+        for column in registry
+        if column.key is not None and (not column.groups or column.shown_with(groups))
+    ]
+
+
 def make_row(
     registry: list[Column[Item]], checkpoint: str, item: Item, groups: Collection[str] = ()
 ) -> Row:
     """One layer as a row of the registry's keys (the built-in ones, and those of the optional
     `groups` the run computed); non-finite floats become None."""
+    return row_of(row_columns(registry, groups), checkpoint, item)
+
+
+def row_of(columns: list[Column[Item]], checkpoint: str, item: Item) -> Row:
+    """One layer as a row of these columns (`row_columns`); non-finite floats become None."""
     row: Row = {}
-    for column in registry:
-        if column.key is None or not column.shown_with(groups):
-            continue
+    for column in columns:
         value = column.value(checkpoint, item)
-        row[column.key] = finite_or_none(float(value)) if isinstance(value, float) else value
+        row[column.key] = finite_or_none(float(value)) if isinstance(value, float) else value  # type: ignore[index]
     return row
 
 

@@ -11,7 +11,9 @@ from wwcli.report.columns import (
     Row,
     Value,
     make_row,
+    row_columns,
     row_keys,
+    row_of,
 )
 from wwcli.results import CheckpointListing, CheckpointReport
 
@@ -55,10 +57,8 @@ def describe_columns() -> tuple[str, ...]:
 
 def analyze_rows(report: CheckpointReport) -> list[Row]:
     """Every analyzed layer of a report, as rows."""
-    return [
-        make_row(ANALYZE_REGISTRY, report.checkpoint, result, report.groups)
-        for result in report.layers
-    ]
+    columns = row_columns(ANALYZE_REGISTRY, report.groups)
+    return [row_of(columns, report.checkpoint, result) for result in report.layers]
 
 
 def listing_rows(listing: CheckpointListing) -> list[Row]:
