@@ -1,5 +1,8 @@
 """Bad-input corpus entries for PyTorch files: pickle DAGs and deep nesting, strided views over
-tiny storages, zip member bombs, names that are not text. (Exotic dtypes and tensor types are
+tiny storages, zip member bombs, names that are not text, and what wwcli's own unpickler and
+container readers (`wwcli/loaders/_torchpickle.py`, `_torchfiles.py`) must refuse: storages
+smaller than declared or views past them, members twice, legacy records that lie, TorchScript
+modules nested without end, code-running globals by every route. (Exotic dtypes and tensor types are
 listed, not refused: tests/loaders/test_torch.py.)
 
 Each entry is a `BadInput` (tests/hostile/make_corpus.py); test_corpus.py runs every one.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -28,7 +32,8 @@ if TYPE_CHECKING:
 PREFIX = "archive"
 """The folder inside the zip that torch.save names after the file; torch accepts any name."""
 STARTUP_SECONDS = 20.0
-"""What one refusal may take, whole command: torch's import alone is ~2 s on a loaded machine."""
+"""What one refusal may take, whole command (torch is no longer imported; the bombs and the
+deadline entry spend seconds of their own on a loaded machine)."""
 MEMORY_LIMIT_MIB = 3 * 1024
 """Address space for the bombs: `wwcli analyze` of fixtures/torch/cnn_state_dict.pt peaks at
 0.9 GiB of VmPeak (torch maps its libraries; it runs even under a 1 GiB RLIMIT_AS); 3 GiB leaves
@@ -321,6 +326,92 @@ def surrogate_key() -> bytes:
     return torch_zip(state_dict_pickle([tensor]), {"0": bytes(48)})
 
 
+# --- 5. What the own reader checks: storages, members, legacy records, TorchScript --------------
+
+
+def storage_smaller_than_declared() -> bytes:
+    """A 3x4 float tensor over a storage declared as 12 floats whose member holds 12 bytes."""
+    tensor = StoredTensor("fc.weight", "0", 12, (3, 4), (4, 1))
+    return torch_zip(state_dict_pickle([tensor]), {"0": bytes(12)})
+
+
+def view_offset_past_storage() -> bytes:
+    """A 3x4 view at offset 40 of a 48-float storage: it would read 16 floats past its end."""
+    tensor = StoredTensor("fc.weight", "0", 48, (3, 4), (4, 1), offset=40)
+    return torch_zip(state_dict_pickle([tensor]), {"0": bytes(4 * 48)})
+
+
+def member_twice(name: str) -> bytes:
+    """A valid state dict whose archive holds `name` (data.pkl or data/0) twice: zipfile reads
+    the last, another reader the first."""
+    tensor = StoredTensor("fc.weight", "0", 12, (3, 4), (4, 1))
+    body = torch_zip(state_dict_pickle([tensor]), {"0": bytes(48)})
+    buffer = io.BytesIO(body)
+    with zipfile.ZipFile(buffer, "a") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name: the point
+        other = state_dict_pickle([StoredTensor("other.weight", "0", 12, (3, 4), (4, 1))])
+        archive.writestr(f"{PREFIX}/{name}", other if name == "data.pkl" else bytes(48))
+    return buffer.getvalue()
+
+
+def legacy_file(storage_count: int, *, cut: int = 0, keys: list[str] | None = None) -> bytes:
+    """torch's legacy format by hand: magic number, protocol version, system information, a
+    state dict of one 3x4 float tensor over storage "0" (12 floats), the keys, then the storage
+    record, which says it holds `storage_count` elements; `cut` bytes dropped at the end."""
+    tensor = StoredTensor("fc.weight", "0", 12, (3, 4), (4, 1))
+    magic = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+    version = pickle.dumps(1001, protocol=2)
+    system = pickle.dumps({"protocol_version": 1001, "little_endian": True}, protocol=2)
+    # The legacy persistent id has a sixth item: a view of the storage, or None.
+    body = state_dict_pickle([tensor]).replace(_int(12) + b"t" + b"Q", _int(12) + b"Nt" + b"Q")
+    listed = pickle.dumps(["0"] if keys is None else keys, protocol=2)
+    record = struct.pack("<q", storage_count) + bytes(48)
+    whole = magic + version + system + body + listed + record
+    return whole[: len(whole) - cut] if cut else whole
+
+
+def torchscript_zip(
+    data_pkl: bytes,
+    storages: dict[str, bytes] | None = None,
+    *,
+    code: bytes = b"class M(Module):\n  __parameters__ = []\n  __buffers__ = []\n",
+) -> bytes:
+    """A TorchScript archive: torch's zip with `constants.pkl` and a `code/` folder."""
+    members = {
+        "data.pkl": data_pkl,
+        "constants.pkl": b"\x80\x02).",
+        "version": b"3\n",
+        "byteorder": b"little",
+        "code/__torch__.py": code,
+    }
+    members.update({f"data/{key}": raw for key, raw in (storages or {}).items()})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, raw in members.items():
+            archive.writestr(f"{PREFIX}/{name}", raw)
+    return buffer.getvalue()
+
+
+def nested_script_modules(depth: int) -> bytes:
+    """A TorchScript module holding a submodule `sub`, `depth` levels down, built opcode by
+    opcode (GLOBAL, NEWOBJ, a dict of attributes, BUILD) as TorchScript's pickler writes them."""
+    opening = _global("__torch__", "M") + b")\x81}(" + _text("sub")
+    inner = _global("__torch__", "M") + b")\x81"
+    return torchscript_zip(b"\x80\x02" + opening * depth + inner + b"ub" * depth + b".")
+
+
+def reduce_pickle(module: str, name: str, argument: str) -> bytes:
+    """{"fc.weight": <module.name(argument)>}: a call of any global, as a __reduce__ writes it."""
+    call = _global(module, name) + _tuple([_text(argument)]) + b"R"
+    return torch_zip(b"\x80\x02}(" + _text("fc.weight") + call + b"u.")
+
+
+def stack_global_pickle() -> bytes:
+    """The same call as protocol 4 writes it: STACK_GLOBAL of two strings."""
+    call = _text("os") + _text("system") + b"\x93" + _tuple([_text("true")]) + b"R"
+    return torch_zip(b"\x80\x04}(" + _text("fc.weight") + call + b"u.")
+
+
 def cases() -> list[BadInput]:
     """This module's entries, in a stable order."""
     from tests.hostile.make_corpus import BadInput
@@ -388,6 +479,65 @@ def cases() -> list[BadInput]:
             "pt_tensor_name_with_lone_surrogate.pt",
             surrogate_key,
             r"the tensor name 'fc\\udc80\.weight' is not valid text \(a lone surrogate\)",
+        ),
+        # 5. The own reader: storages and members.
+        (
+            "pt_storage_member_smaller_than_declared.pt",
+            storage_smaller_than_declared,
+            r"storage '0' declares 48 bytes, but its member 'archive/data/0' holds 12",
+        ),
+        (
+            "pt_view_offset_past_its_storage.pt",
+            view_offset_past_storage,
+            r"tensor 'fc\.weight' reaches byte 208 of a storage of 192 bytes",
+        ),
+        (
+            "pt_data_pkl_twice_in_the_zip.pt",
+            lambda: member_twice("data.pkl"),
+            r"zip member 'archive/data\.pkl' appears twice",
+        ),
+        (
+            "pt_storage_twice_in_the_zip.pt",
+            lambda: member_twice("data/0"),
+            r"zip member 'archive/data/0' appears twice",
+        ),
+        (
+            "pt_legacy_storage_record_lies.pt",
+            lambda: legacy_file(1 << 40),
+            r"storage '0' is recorded with 1099511627776 elements, its pickle declares 12",
+        ),
+        (
+            "pt_legacy_storage_cut_short.pt",
+            lambda: legacy_file(12, cut=20),
+            r"the file ends inside storage '0' \(truncated\)",
+        ),
+        (
+            "pt_legacy_lists_an_unused_storage.pt",
+            lambda: legacy_file(12, keys=["0", "7"]),
+            r"lists storage '7', which its pickle never uses",
+        ),
+        (
+            "pt_torchscript_modules_nested_3000_deep.pt",
+            lambda: nested_script_modules(3000),
+            r"its TorchScript modules nest more than 1000 deep",
+        ),
+        # 6. Code by every route: a global call, protocol 4's STACK_GLOBAL, TorchScript.
+        (
+            "pt_reduce_builtins_eval.pt",
+            lambda: reduce_pickle("__builtin__", "eval", "1"),
+            r"holds Python objects \(builtins\.eval\) whose loading can run code.*--trust-pickle",
+        ),
+        (
+            "pt_stack_global_os_system.pt",
+            stack_global_pickle,
+            r"holds Python objects \(os\.system\) whose loading can run code",
+        ),
+        (
+            "pt_torchscript_with_os_system.pt",
+            lambda: torchscript_zip(
+                b"\x80\x02" + _global("posix", "system") + _tuple([_text("true")]) + b"R."
+            ),
+            r"a TorchScript archive whose data\.pkl holds Python objects \(posix\.system\)",
         ),
     ]
     result = [

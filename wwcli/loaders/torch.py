@@ -1144,6 +1144,8 @@ def torchscript_checkpoint(path: Path) -> StateDictCheckpoint:
     scale a norm), which changes no id and no number."""
     script = torchscript_state_dict(path)
     tensors = checked_state_dict(path, script.tensors)
+    if not tensors:
+        raise LoaderError(f"{path}: a TorchScript module that holds no parameters or buffers")
     checkpoint = state_dict_checkpoint(path, LoadedStateDict(tensors, _SCRIPT_NOTE), "torchscript")
     checkpoint._numbered = [
         dataclasses.replace(
