@@ -95,7 +95,9 @@ class Cluster:
         while True:
             try:
                 with Client(self.address, timeout=5, set_as_default=False) as client:
-                    client.wait_for_workers(workers, timeout=max(1, deadline - time.monotonic()))
+                    if workers:
+                        remaining = max(1, deadline - time.monotonic())
+                        client.wait_for_workers(workers, timeout=remaining)
                     return
             except OSError:
                 if time.monotonic() > deadline:
@@ -189,3 +191,28 @@ def test_the_run_completes_when_a_worker_is_killed_mid_run(
     assert document["failures"] == []
     assert len(document["checkpoints"]) == 12
     assert {row["order_key"] for row in document["trajectory"]} == set(range(1, 13))
+
+
+def test_a_cluster_without_workers_is_an_input_failure_not_a_hang(
+    tmp_path: Path, run_folder: Path
+) -> None:
+    from wwcli.analysis import analyze_paths
+    from wwcli.results import InputFailure
+    from wwcli.runners import DaskRunner
+    from wwcli.settings import RunSettings
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lonely = Cluster(logs)
+    try:
+        lonely.start(workers=0)
+        started = time.monotonic()
+        paths = sorted(run_folder.glob("*.safetensors"))[:2]
+        dask = DaskRunner(lonely.address, no_worker_timeout=2)
+        outcomes = list(analyze_paths(paths, RunSettings(), runner=dask))
+        assert time.monotonic() - started < 30
+    finally:
+        lonely.stop()
+    assert all(isinstance(outcome, InputFailure) for outcome in outcomes)
+    assert all("no Dask worker connected" in outcome.message for outcome in outcomes)  # type: ignore[union-attr]
+    assert [outcome.path for outcome in outcomes] == [str(path) for path in paths]  # type: ignore[union-attr]

@@ -283,8 +283,8 @@ class DaskRunner:
     one worker's time or memory); None: one task per checkpoint."""
     no_worker_timeout: float = 60.0
     """Seconds a unit may wait with no worker connected before it fails."""
-    connect_timeout: float = 30.0
-    """Seconds to reach the scheduler."""
+    connect_timeout: float = 10.0
+    """Seconds to reach the scheduler (Dask retries a refused connection until then)."""
     client: Any = dataclasses.field(default=None, compare=False, repr=False)
     """A client of the scheduler to use (its owner closes it); None: one per map()."""
 
