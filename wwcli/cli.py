@@ -499,7 +499,7 @@ FitOption = Annotated[
     typer.Option(
         "--fit",
         help="tpl: fit a truncated power law (weightwatcher's fit='TPL', through the powerlaw "
-        "package); alpha becomes its exponent, Lambda its cutoff. Slow: seconds per layer.",
+        "package); alpha becomes its exponent, Lambda its cutoff. Slow: up to minutes a layer.",
         rich_help_panel=DIAGNOSTICS,
     ),
 ]
@@ -746,7 +746,7 @@ def settings_from_cli(
         engine_extras["fix_fingers"] = chosen.fix_fingers.value
     if chosen.fit is not FitKind.power_law:
         engine_extras["fit"] = chosen.fit.value
-    if chosen.tail_tests or every:
+    if chosen.tail_tests or (every and _powerlaw_installed()):
         engine_extras["tail_tests"] = True
     try:
         engine = EngineOptions(
@@ -760,6 +760,14 @@ def settings_from_cli(
         )
     except ValueError as error:
         raise UsageError(_option_words(str(error))) from error
+    if engine.tail_tests or engine.fit == "tpl":
+        from wwcli.engine.tpl import import_powerlaw
+
+        try:
+            import_powerlaw()  # before any file is read: its install hint, exit 2
+        except ValueError as error:
+            option = "--fit tpl" if engine.fit == "tpl" else "--tail-tests"
+            raise UsageError(f"{option}: {error}") from error
     if gate is None:
         try:
             gate = GatePolicy(
@@ -787,6 +795,24 @@ def settings_from_cli(
         )
     except ValueError as error:
         raise UsageError(_option_words(str(error))) from error
+
+
+def _powerlaw_installed() -> bool:
+    """Whether the powerlaw package can be imported (looked up, not imported)."""
+    import importlib.util
+
+    if "powerlaw" in sys.modules:
+        return sys.modules["powerlaw"] is not None  # None: blocked
+    return importlib.util.find_spec("powerlaw") is not None
+
+
+def _say_left_out(run: _Run, settings: RunSettings, all_diagnostics: bool) -> None:
+    """--all-diagnostics without powerlaw: say that the tail tests were left out."""
+    if all_diagnostics and not settings.engine.tail_tests:
+        run.info(
+            "note: --all-diagnostics: no tail tests (they need the powerlaw package: "
+            "pip install 'wwcli[tpl]')"
+        )
 
 
 def _option_words(message: str) -> str:
@@ -1504,6 +1530,7 @@ def analyze(
                 mp_fit, randomize, seed, fix_fingers, fit, tail_tests, detx, base, all_diagnostics
             ),
         )
+        _say_left_out(run, settings, all_diagnostics)
         _check_device(settings)
         targets = [
             ReportFile(path, option, file_format)
@@ -1653,6 +1680,7 @@ def report(
                 mp_fit, randomize, seed, fix_fingers, fit, tail_tests, detx, base, all_diagnostics
             ),
         )
+        _say_left_out(run, settings, all_diagnostics)
         code = _analyze_and_emit(
             run,
             paths,

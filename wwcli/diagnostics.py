@@ -61,7 +61,8 @@ ALL_DIAGNOSTICS = ("mp", "random", "detx", "tail_tests")
 """The groups --all-diagnostics turns on: every diagnostic that is not slow and leaves alpha as it
 is. Measured on one thread (a 1536x384 layer whose plain analysis takes 0.06 s): the MP fit
 0.016 s, the randomized ESD 0.21 s, detX 0.1 ms, the tail tests about 0.1 s a layer after
-powerlaw's one-off import (~1.2 s). Not the TPL fit (powerlaw's numerical fit: seconds a layer),
+powerlaw's one-off import (~1.2 s). Not the TPL fit (powerlaw's numerical fit: up to minutes a
+layer),
 not --fix-fingers (it changes alpha itself, and with it the gate), not --base (it needs a
 checkpoint)."""
 

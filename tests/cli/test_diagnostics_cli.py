@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,17 @@ def test_max_trips_is_the_tolerance_under_its_new_name() -> None:
     assert invoke(HEAVY, "--max-trips", "1").exit_code == 0  # type: ignore[attr-defined]
     assert invoke(HEAVY, "--max-trips", "0").exit_code == 1  # type: ignore[attr-defined]
     assert invoke(HEAVY, "--max-over-trained", "1").exit_code == 0  # type: ignore[attr-defined]
+
+
+def test_without_powerlaw_the_tail_tests_are_a_usage_error_or_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "powerlaw", None)  # as if it were not installed
+    asked = invoke(SEED_MLP, "--tail-tests")
+    assert asked.exit_code == 2  # type: ignore[attr-defined]
+    assert "--tail-tests: " in asked.stderr and "wwcli[tpl]" in asked.stderr  # type: ignore[attr-defined]
+    every = invoke(SEED_MLP, "--all-diagnostics", "-f", "csv")
+    assert every.exit_code == 0, every.output  # type: ignore[attr-defined]
+    assert "no tail tests" in every.stderr  # type: ignore[attr-defined]
+    header = every.stdout.splitlines()[0].split(",")  # type: ignore[attr-defined]
+    assert "num_spikes" in header and "R_lognormal" not in header
