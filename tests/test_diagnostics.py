@@ -6,6 +6,7 @@ engine analyzes any layer. weightwatcher parity of the update is in tests/test_b
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pickle
 from pathlib import Path
@@ -206,6 +207,8 @@ def test_base_matches_by_name_and_shape_and_says_what_did_not_match(
     assert rows["c"]["delta_base"] is None
     assert rows["c"]["delta_message"] == "the base checkpoint has no layer of this name"
     assert report.base_unmatched == ("gone",)
+    assert json.loads(_json(settings, report))["base_unmatched"] == ["gone"]
+    assert "base_unmatched" not in json.loads(_json(RunSettings(), _report(path, RunSettings())))
     # Identical weights: an all-zero update, a failed fit said in the row, never a number.
     assert rows["same"]["delta_base"] == "same" and rows["same"]["delta_alpha"] is None
     assert rows["same"]["delta_norm"] == 0.0 and rows["same"]["delta_message"]

@@ -28,7 +28,15 @@ def summary_object(summary: Summary) -> dict[str, Any]:
 
 
 def checkpoint_object(report: CheckpointReport, options: dict[str, Any]) -> dict[str, Any]:
-    """One checkpoint's analysis as DESIGN.md's JSON object."""
+    """One checkpoint's analysis as DESIGN.md's JSON object (with --base, also
+    `base_unmatched`: the base checkpoint's layers this one does not have)."""
+    document = _checkpoint_object(report, options)
+    if "delta" in report.groups:
+        document["base_unmatched"] = list(report.base_unmatched)
+    return document
+
+
+def _checkpoint_object(report: CheckpointReport, options: dict[str, Any]) -> dict[str, Any]:
     return {
         "wwcli_version": __version__,
         "checkpoint": report.checkpoint,
