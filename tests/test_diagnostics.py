@@ -288,3 +288,42 @@ def test_a_missing_value_never_trips_a_rule() -> None:
     assert parse_fail_on("alpha < 2 or delta_alpha > 1").holds({"alpha": 1.5}) is True
     assert parse_fail_on("alpha < 2 and delta_alpha > 1").holds({"alpha": 3.0}) is False
     assert parse_fail_on("alpha < 2").holds({"alpha": math.nan}) is None
+
+
+def test_the_esd_figure_draws_the_mp_bulk_and_the_randomized_esd_when_they_ran(
+    model: Path,
+) -> None:
+    pytest.importorskip("matplotlib")
+    from wwcli.report import plots
+
+    def gids(settings: RunSettings) -> set[str]:
+        report = _report(model, dataclasses.replace(settings, keep_spectra=True))
+        figure = plots.esd_figure(report.layers[1])
+        return {str(line.get_gid()) for axes in figure.axes for line in axes.get_lines()}
+
+    plain = gids(RunSettings())
+    assert not plain & {"mp-bulk", "randomized-esd"}
+    both = gids(RunSettings(diagnostics=Diagnostics(mp_fit=True, randomize=True)))
+    assert {"mp-bulk", "randomized-esd"} <= both
+    assert plain <= both
+    # The shuffled eigenvalues are kept for pictures only: not without the spectra.
+    report = _report(model, RunSettings(diagnostics=Diagnostics(randomize=True)))
+    assert all(r.diagnostics.random.rand_eigenvalues is None for r in report.layers)  # type: ignore[union-attr]
+
+
+def test_the_mp_density_integrates_to_one() -> None:
+    from scipy.integrate import quad
+
+    from wwcli.report.plots import marchenko_pastur_density
+
+    for Q, sigma, scale in ((1.0, 1.0, 1.0), (4.0, 0.8, 2.0), (2.5, 1.3, 0.5)):
+        low = (sigma * (1 - 1 / np.sqrt(Q))) ** 2 / scale**2
+        high = (sigma * (1 + 1 / np.sqrt(Q))) ** 2 / scale**2
+
+        def density(x: float, Q: float = Q, sigma: float = sigma, scale: float = scale) -> float:
+            return float(
+                marchenko_pastur_density(np.array([x]), sigma=sigma, Q=Q, W_scale=scale)[0]
+            )
+
+        total, _ = quad(density, low, high, limit=200)
+        assert total == pytest.approx(1.0, abs=1e-6), (Q, sigma, scale)
