@@ -492,7 +492,11 @@ def analyze_path(
                     diagnostics=settings.diagnostics,
                     base=base,
                 )
-                return dataclasses.replace(report, source_files=_resolved_sources(checkpoint))
+                # The base's files too: no report may be written over any file the run read.
+                sources = _resolved_sources(checkpoint)
+                if isinstance(base, Checkpoint):
+                    sources += _resolved_sources(base)
+                return dataclasses.replace(report, source_files=sources)
             finally:
                 if progress is not None:
                     progress.checkpoint_done(label)

@@ -186,3 +186,20 @@ def test_without_powerlaw_the_tail_tests_are_a_usage_error_or_left_out(
     assert "no tail tests" in every.stderr  # type: ignore[attr-defined]
     header = every.stdout.splitlines()[0].split(",")  # type: ignore[attr-defined]
     assert "num_spikes" in header and "R_lognormal" not in header
+
+
+def test_no_report_is_written_over_a_file_of_the_base(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    tensors = {"a.weight": rng.standard_normal((90, 70)).astype(np.float32)}
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(tensors_to_safetensors(tensors))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a.weight": "model.safetensors"}}))
+    before = index.read_bytes()
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(tensors_to_safetensors(tensors))
+    result = invoke(model, "--base", folder, "--json", index, "--exit-zero")
+    assert result.exit_code == 2, result.output  # type: ignore[attr-defined]
+    assert "refusing to overwrite a file" in result.stderr  # type: ignore[attr-defined]
+    assert index.read_bytes() == before
