@@ -327,3 +327,13 @@ def test_the_mp_density_integrates_to_one() -> None:
 
         total, _ = quad(density, low, high, limit=200)
         assert total == pytest.approx(1.0, abs=1e-6), (Q, sigma, scale)
+
+
+def test_exit_code_applies_fail_on_rules_to_bare_results(model: Path) -> None:
+    from wwcli.gate import exit_code
+
+    report = _report(model, RunSettings(diagnostics=Diagnostics(mp_fit=True)))
+    tripping = GatePolicy(fail_below=None, fail_on=("num_spikes >= 3",), gate_min_evals=0)
+    passing = GatePolicy(fail_below=None, fail_on=("num_spikes > 3",), gate_min_evals=0)
+    assert int(exit_code(report.layers, tripping)) == 1
+    assert int(exit_code(report.layers, passing)) == 0

@@ -273,9 +273,12 @@ def _shown(value: object) -> str:
 
 
 def _layer_values(result: LayerResult, groups: Collection[str]) -> Mapping[str, object]:
+    """The layer's row values; without `groups` (exit_code, a bare LayerResult), every group's
+    columns: a group the layer has no values for gives None, which never trips."""
+    from wwcli.diagnostics import GROUP_OPTIONS
     from wwcli.report.columns import ANALYZE_REGISTRY, make_row
 
-    return make_row(ANALYZE_REGISTRY, "", result, groups)
+    return make_row(ANALYZE_REGISTRY, "", result, groups or tuple(GROUP_OPTIONS))
 
 
 def _line_reason(result: LayerResult, policy: GatePolicy) -> str | None:
