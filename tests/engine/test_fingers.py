@@ -9,9 +9,11 @@ large alpha, which clipping the top two or more lowers by more than 1), and whol
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -240,3 +242,34 @@ def test_failed_layer_with_clip_xmax() -> None:
 def test_options_are_checked(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
         EngineOptions(**{field: value})
+
+
+@pytest.mark.slow
+def test_synthetic_encoder_matches_weightwatcher() -> None:  # about a minute
+    # The BERT-sized encoder of benchmarks/bench_fits.py (39 layers of 384 eigenvalues).
+    weightwatcher = pytest.importorskip("weightwatcher")
+    torch = pytest.importorskip("torch")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_fits.py"
+    spec = importlib.util.spec_from_file_location("bench_fits", script)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    plans = bench.encoder_plans()
+    weights = [bench.draw(plan, seed=0) for plan in plans]
+    modules = []
+    for weight in weights:
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer.weight.data = torch.from_numpy(weight)
+        modules.append(layer)
+    watcher = weightwatcher.WeightWatcher(model=torch.nn.Sequential(*modules))
+    rows = _quietly(watcher.analyze, fix_fingers="clip_xmax").to_dict("records")
+    assert len(rows) == len(weights) == 39
+    changed = 0
+    for theirs, weight in zip(rows, weights, strict=True):
+        ours = analyze_layer([weight], options=CLIP)
+        assert ours.num_fingers == theirs["num_fingers"]
+        assert ours.alpha == pytest.approx(theirs["alpha"], rel=1e-10)
+        assert ours.raw_alpha == pytest.approx(theirs["raw_alpha"], rel=1e-10)
+        assert ours.fit.num_pl_spikes == theirs["num_pl_spikes"]
+        changed += theirs["num_fingers"] > 0
+    assert 0 < changed < 39

@@ -175,6 +175,12 @@ def analyze_layer_spectrum(
     weightwatcher 0.7.7 measures it: the kernel's sides are the count c and the sides a, b of
     each matrix; N = max(c, a, b), M = min(c, a, b), rf = 1, and only the M largest pooled
     eigenvalues are kept (its `n_comp`; no scaling). The rank is counted from those M.
+
+    `options.fix_fingers`, `options.fit` and `options.tail_tests` change the fit as
+    weightwatcher 0.7.7's options of those names do (``fingers``, ``tpl``); the metrics derived
+    from alpha and the verdict follow the alpha they give. With all three at their defaults the
+    path and the numbers are those of the plain fit, and the extra fields are None. fit='tpl'
+    and the tail tests raise ValueError when `powerlaw` 1.5 is not installed.
     """
     arrays, N, M = _layer_matrices(matrices)
     rf = len(arrays)

@@ -22,6 +22,12 @@ TPL (``tpl_fit``), as weightwatcher 0.7.7 computes it with ``fit='TPL', pl_packa
   Nelder-Mead run per candidate: seconds for a few hundred eigenvalues, minutes for thousands
   (benchmarks/README.md).
 
+With ``fix_fingers='clip_xmax'`` weightwatcher clips with the package's power-law fits and
+reports the TPL fitted at the kept fit's xmin on the clipped data (``tpl_at_xmin``), with the
+power law's D and sigma. wwcli clips with its own power-law fit, which selects the same xmin
+where the layer has at least 20 eigenvalues above the threshold (below that, weightwatcher's
+'ww' fit uses its small-N estimator and the package does not).
+
 Tail tests (``tail_tests``): on the tail the engine's fit chose (the values >= its xmin, without
 the eigenvalues clip_xmax left out), ``powerlaw.Fit(tail, xmin=xmin)`` and
 ``distribution_compare('power_law', 'lognormal' | 'exponential', normalized_ratio=True)``: R > 0
