@@ -134,3 +134,21 @@ def test_degenerate_and_bad_spectra() -> None:
     failed_fit = detx(np.array(spectrum("mp", 100)), num_pl_spikes=-1)
     assert failed_fit.detX_num > 0 and failed_fit.ERG_gap is None
     assert "no ERG_gap" in failed_fit.message
+
+
+def test_fixture_layers_same_as_weightwatcher() -> None:
+    """weightwatcher's detX arithmetic on its own eigenvalues of the fixtures' layers (SVD,
+    Conv2D kernels scaled by sqrt(1/2)) against ours on the engine's."""
+    from tests.engine.test_mpfit import _fixture_layers
+
+    for name, matrices, _, _, conv2d in _fixture_layers():
+        scale = np.sqrt(1 / 2.0) if conv2d else 1.0
+        svds = [np.linalg.svd(m.astype(np.float64) * scale, compute_uv=False) for m in matrices]
+        theirs = np.sort(np.concatenate(svds) ** 2)
+        count, value, rescaled_value = _weightwatcher_detx(theirs)
+        _, values = analyze_layer_spectrum(matrices, conv2d_norm=conv2d)
+        assert values is not None
+        ours = detx(values, num_pl_spikes=0)
+        assert ours.detX_num == count, name
+        assert ours.detX_val == pytest.approx(value, rel=1e-9), name
+        assert ours.detX_val_unrescaled == pytest.approx(rescaled_value, rel=1e-9), name

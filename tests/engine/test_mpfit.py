@@ -224,3 +224,36 @@ def test_neither_sklearn_nor_scipy_optimize_is_imported() -> None:
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
+
+
+def _fixture_layers() -> list[tuple[str, list[np.ndarray[Any, Any]], int, int, bool]]:
+    """(name, matrices, N, M, conv2d) of every analyzed layer of two fixtures: a PyTorch CNN
+    state dict (two Conv2D layers and two Linear) and the Keras seed MLP (three Dense)."""
+    from pathlib import Path
+
+    from wwcli.loaders import LayerType, open_checkpoint
+
+    root = Path(__file__).resolve().parents[2] / "fixtures"
+    layers = []
+    for path in (root / "torch" / "cnn_state_dict.pt", root / "keras" / "seed_mlp.h5"):
+        checkpoint = open_checkpoint(path)
+        for spec in checkpoint.layers():
+            if spec.skip_reason is None and spec.M * spec.rf >= 8:
+                conv2d = spec.layer_type is LayerType.CONV2D
+                layers.append((spec.name, checkpoint.matrices(spec), spec.N, spec.M, conv2d))
+    return layers
+
+
+def test_fixture_layers_same_as_weightwatcher() -> None:
+    """weightwatcher's mp_fit on its own eigenvalues (SVD of each matrix, Conv2D kernels scaled
+    by sqrt(1/2) first, as its conv2d_norm does) against ours on the engine's."""
+    layers = _fixture_layers()
+    assert len(layers) == 7
+    for name, matrices, N, M, conv2d in layers:
+        scale = np.sqrt(1 / 2.0) if conv2d else 1.0
+        float64 = [m.astype(np.float64) * scale for m in matrices]  # weightwatcher: W.astype(float)
+        theirs = np.sort(np.concatenate([_svd_eigenvalues(m) for m in float64]))
+        _, values = analyze_layer_spectrum(matrices, conv2d_norm=conv2d)
+        assert values is not None, name
+        ours = mp_fit(values, N=N, M=M, rf=len(matrices))
+        _assert_same(ours, _weightwatcher_mp_fit(theirs, N, M, len(matrices)))

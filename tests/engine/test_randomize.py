@@ -247,3 +247,28 @@ def test_bad_numbers_give_a_message_and_the_same_draws() -> None:
             [matrix], np.ones(110), N=120, M=110, rf=1, conv2d_norm=False,
             rng=np.random.default_rng(0), orient="sideways",  # type: ignore[arg-type]
         )  # fmt: skip
+
+
+def test_fixture_layers_same_draws_as_weightwatcher() -> None:
+    """weightwatcher's ``random_eigenvalues`` (its SVD) on the fixtures' layers as it holds them
+    (Conv2D slices tall and scaled by sqrt(1/2), Dense kernels as stored: Keras (in, out),
+    PyTorch (out, in)) against ``shuffled_eigenvalues`` under the same global draw."""
+    weightwatcher = pytest.importorskip("weightwatcher")
+    from tests.engine.test_mpfit import _fixture_layers
+    from wwcli.engine.randomize import shuffled_eigenvalues
+
+    watcher = weightwatcher.WeightWatcher()
+    params = weightwatcher.weightwatcher.DEFAULT_PARAMS.copy()
+    for name, matrices, _, M, conv2d in _fixture_layers():
+        n_comp = M * len(matrices)
+        replicas = 5 if n_comp < 100 else 1
+        tall = [m.T if m.shape[0] < m.shape[1] else m for m in matrices] if conv2d else matrices
+        held = [m * np.sqrt(1 / 2.0) for m in tall] if conv2d else tall
+        np.random.seed(11)
+        theirs = _quietly(watcher.random_eigenvalues, held, n_comp, replicas, params)
+        np.random.seed(11)
+        ours = shuffled_eigenvalues(
+            tall, rng=np.random, n_comp=n_comp, replicas=replicas, conv2d_norm=conv2d
+        )
+        assert ours.shape == theirs.shape, name
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12 * theirs.max(), err_msg=name)
