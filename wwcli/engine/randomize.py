@@ -143,21 +143,23 @@ def shuffled_eigenvalues(
     permutation of every element, plus the eigenvalues (``esd.per_matrix_eigenvalues``).
     """
     groups: list[NDArray[Any]] = [np.stack(matrices)] if stacked else list(matrices)
-    pooled = []
-    for _ in range(replicas):
-        for group in groups:
-            shuffled = _shuffled(group, rng)
-            slices = list(shuffled) if stacked else [shuffled]
-            values = per_matrix_eigenvalues(
-                slices,
-                conv2d_norm=conv2d_norm,
-                backend=backend,
-                device=device,
-                precision=precision,
-                torch_eigh_min_order=torch_eigh_min_order,
-            )
-            kept = np.sort(np.concatenate(values))[-n_comp:]
-            pooled.append(kept)
+    # Every shuffle first, in weightwatcher's order; then all the spectra in one call, so that
+    # same-shape matrices (conv slices, replicas) share one stacked eigensolver call.
+    shuffled = [_shuffled(group, rng) for _ in range(replicas) for group in groups]
+    slices = [piece for group in shuffled for piece in (list(group) if stacked else [group])]
+    values = per_matrix_eigenvalues(
+        slices,
+        conv2d_norm=conv2d_norm,
+        backend=backend,
+        device=device,
+        precision=precision,
+        torch_eigh_min_order=torch_eigh_min_order,
+    )
+    per_group = len(values) // len(shuffled)
+    pooled = [
+        np.sort(np.concatenate(values[start : start + per_group]))[-n_comp:]
+        for start in range(0, len(values), per_group)
+    ]
     return np.sort(np.concatenate(pooled))
 
 
