@@ -126,3 +126,22 @@ def test_only_wwcli_types_with_their_current_fields_are_rebuilt(tmp_path: Path) 
     assert isinstance(report, CheckpointReport) and cache.write(key, report)
     assert cache.read(key) == report
     assert not list((tmp_path / "c").glob(".*.tmp"))  # written through a rename
+
+
+def test_diagnostics_round_trip_and_a_base_file_is_part_of_the_key(tmp_path: Path) -> None:
+    from wwcli.diagnostics import Diagnostics
+
+    path = FIXTURES / "safetensors" / "cnn.safetensors"
+    settings = RunSettings(diagnostics=Diagnostics(mp_fit=True, randomize=True, detx=True))
+    report = analyze_path(path, settings)
+    assert isinstance(report, CheckpointReport)
+    assert all(layer.diagnostics is not None for layer in report.layers)
+    back = report_from_json(json.loads(json.dumps(report_to_json(report))))
+    assert back == report and repr(back) == repr(report)
+    base = tmp_path / "base.safetensors"
+    write_safetensors(base, tensors(1))
+    cache = ResultCache(tmp_path / "c")
+    with_base = RunSettings(diagnostics=Diagnostics(base=str(base)))
+    before = cache.key(path, with_base)
+    write_safetensors(base, tensors(2))
+    assert cache.key(path, with_base) != before
