@@ -381,3 +381,58 @@ def test_mutated_pickles_slow(workdir: Path, data: st.DataObject) -> None:
 @_fuzz_settings(1200, slow=True)
 def test_generated_opcode_streams_slow(workdir: Path, data: st.DataObject) -> None:
     check_opcode_stream(workdir, data)
+
+
+# --- Both readers refuse the corpus ---------------------------------------------------------------
+
+
+def _torch_corpus() -> list[tuple[str, Callable[[Path], None]]]:
+    from tests.hostile import corpus_torch
+    from tests.hostile.make_corpus import _torch_cases
+
+    entries = [(case.name, case.write) for case in corpus_torch.cases() if not case.environment]
+
+    def writer(content: bytes) -> Callable[[Path], None]:
+        return lambda target: target.write_bytes(content)
+
+    entries += [(name, writer(content)) for name, (content, _) in _torch_cases().items()]
+    return entries
+
+
+TORCH_READS_THEM = {
+    "pt_storage_member_smaller_than_declared.pt",
+    "pt_data_pkl_twice_in_the_zip.pt",
+    "pt_storage_twice_in_the_zip.pt",
+}
+"""Crafted archives torch's own reader loads without a word: a storage member of 12 bytes
+declared as 48 (its memory-mapped storage then runs on into the bytes after the member), and a
+member held twice (torch reads the first data.pkl, Python's zipfile the last). wwcli's reader
+refuses all three."""
+
+
+@pytest.mark.parametrize("reader", ["own", "torch"])
+def test_both_readers_refuse_the_torch_corpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    """The hostile corpus's PyTorch entries are refused by wwcli's reader and, with
+    WWCLI_TORCH_READER=torch, by torch's weights_only reader too (the same pre-checks run
+    first), but for the three above; the corpus test runs each through the command line."""
+    if reader == "torch":
+        pytest.importorskip("torch")
+        monkeypatch.setenv("WWCLI_TORCH_READER", "torch")
+    read: set[str] = set()
+    entries = _torch_corpus()
+    for name, write in entries:
+        path = tmp_path / name
+        write(path)
+        try:
+            with open_checkpoint(path) as checkpoint:
+                for spec in checkpoint.layers():
+                    if spec.analyzable:
+                        checkpoint.matrices(spec)
+            read.add(name)
+        except LoaderError as error:
+            assert str(path) in str(error) and "\n" not in str(error), name
+        path.unlink()
+    assert len(entries) >= 35
+    assert read == (TORCH_READS_THEM if reader == "torch" else set())
