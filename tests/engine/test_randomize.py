@@ -272,3 +272,45 @@ def test_fixture_layers_same_draws_as_weightwatcher() -> None:
         )
         assert ours.shape == theirs.shape, name
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12 * theirs.max(), err_msg=name)
+
+
+@pytest.mark.slow
+def test_same_as_weightwatcher_on_a_keras_model() -> None:
+    """Keras layouts: a Dense kernel (in, out) shuffled as stored, Conv2D kernel (kh, kw, in,
+    out) sliced kernel[i, j] and turned wide (weightwatcher's channels-first branch)."""
+    weightwatcher = pytest.importorskip("weightwatcher")
+    keras = pytest.importorskip("keras")
+    rng = np.random.default_rng(31)
+    conv = (heavy_tailed(rng, 9 * 12, 40, df=2.5) / 3).reshape(3, 3, 12, 40).astype(np.float32)
+    narrow = rng.standard_normal((3, 3, 40, 8)).astype(np.float32) / 10  # 72: five replicas
+    dense = heavy_tailed(rng, 8 * 6 * 6, 150, df=3).astype(np.float32)
+    model = keras.Sequential(
+        [
+            keras.Input((10, 10, 12)),
+            keras.layers.Conv2D(40, 3, use_bias=False),
+            keras.layers.Conv2D(8, 3, use_bias=False),
+            keras.layers.Flatten(),
+            keras.layers.Dense(150, use_bias=False),
+        ]
+    )
+    model.layers[0].set_weights([conv])
+    model.layers[1].set_weights([narrow])
+    model.layers[3].set_weights([dense])
+    np.random.seed(5)
+    details = _quietly(weightwatcher.WeightWatcher(model=model).analyze, randomize=True)
+    rows = details.to_dict("records")
+    assert len(rows) == 3
+    np.random.seed(5)
+    for theirs, kernel in zip(rows, (conv, narrow, dense), strict=True):
+        is_conv = kernel.ndim == 4
+        matrices = [kernel[i, j] for i in range(3) for j in range(3)] if is_conv else [kernel]
+        metrics, values = analyze_layer_spectrum(matrices, conv2d_norm=is_conv)
+        assert values is not None
+        ours = randomized_esd(
+            matrices, values, N=metrics.N, M=metrics.M, rf=metrics.rf, conv2d_norm=is_conv,
+            rng=np.random, orient="wide" if is_conv else "as_given",
+        )  # fmt: skip
+        assert ours.num_traps == theirs["num_traps"]
+        for name in COLUMNS:
+            expected = theirs[name]
+            assert getattr(ours, name) == pytest.approx(expected, rel=1e-9, abs=1e-12), name
