@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -408,3 +409,42 @@ def test_missing_torch_only_matters_for_trust_pickle(monkeypatch: pytest.MonkeyP
     assert len(open_torch(SCRIPTED).layers()) == 5
     with pytest.raises(LoaderError, match=r"pip install 'wwcli\[torch\]'"):
         open_torch(STATE_DICT_FILES[0], trust_pickle=True)
+
+
+def test_a_protocol_4_pickle_is_read(tmp_path: Path) -> None:
+    # torch's weights_only reader refuses protocol 4's opcodes (MEMOIZE, STACK_GLOBAL, ...);
+    # the own reader takes them, through the same allow-list.
+    state = every_dtype_and_view()
+    path = tmp_path / "protocol4.pt"
+    torch.save(state, path, pickle_protocol=4)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path, weights_only=True)
+    ours = torch_loader.load_checkpoint_object(path, trust_pickle=False)
+    assert assert_same_object(ours, torch.load(path, weights_only=False)) >= 27
+
+
+def test_a_big_endian_archive_is_read_in_its_byte_order(tmp_path: Path) -> None:
+    from tests.hostile.corpus_torch import StoredTensor as Stored
+    from tests.hostile.corpus_torch import state_dict_pickle
+
+    values = np.arange(12, dtype=np.float32) / 7
+    tensors = [
+        Stored("f.weight", "0", 12, (3, 4), (4, 1)),
+        Stored("b.weight", "1", 12, (4, 3), (3, 1), storage_class="BFloat16Storage"),
+    ]
+    bf16 = (values.view(np.uint32) >> 16).astype(">u2").tobytes()
+    members = {
+        "archive/data.pkl": state_dict_pickle(tensors),
+        "archive/byteorder": b"big",
+        "archive/data/0": values.astype(">f4").tobytes(),
+        "archive/data/1": bf16,
+    }
+    path = tmp_path / "big.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, raw in members.items():
+            archive.writestr(name, raw)
+    checkpoint = open_torch(path)
+    f, b = checkpoint.layers()
+    assert checkpoint.matrices(f)[0].tolist() == values.reshape(3, 4).tolist()
+    widened = ((values.view(np.uint32) >> 16) << 16).view(np.float32)
+    assert checkpoint.matrices(b)[0].tobytes() == widened.reshape(4, 3).tobytes()
