@@ -3,7 +3,8 @@ safetensors files without an index, Hugging Face model folders (config.json besi
 weights) and folders of `pytorch_model*.bin` files, numbered as weightwatcher 0.7.7 numbers a
 model folder (ids from 0), except that ids count on across files without gaps.
 
-Safetensors folders never import torch; `.bin` folders import it when opened.
+Neither safetensors nor `.bin` folders import torch: `.bin` shards go through the PyTorch
+reader, which reads them without it.
 
 Every file read (index, shards, config.json) must be a regular file whose real path, links
 followed, lies inside the folder, or, for a snapshot of a Hugging Face cache, inside the
