@@ -48,6 +48,7 @@ from wwcli.loaders.interface import (
     weightwatcher_conv1d_spec,
 )
 from wwcli.results import (
+    QUANTIZED_FORMATS,
     CheckpointListing,
     CheckpointReport,
     InputFailure,
@@ -365,6 +366,8 @@ def _report(
     groups: tuple[str, ...],
 ) -> CheckpointReport:
     ordered = [outcomes[position] for position in range(len(selected))]
+    if checkpoint.format in QUANTIZED_FORMATS:
+        groups = (*groups, "quantized")
     return CheckpointReport(
         checkpoint=label,
         format=checkpoint.format,

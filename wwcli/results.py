@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from wwcli.settings import RunSettings
 
 
+QUANTIZED_FORMATS = frozenset({"gguf"})
+"""Formats whose tensors may be stored quantized: their reports have the "quantized" group (the
+stored type of each layer, `quantization`, beside its metrics)."""
+
+
 @dataclass(frozen=True)
 class Spectrum:
     """The eigenvalues a layer's metrics were computed from, kept when the run asks for them."""

@@ -271,3 +271,28 @@ def test_detected_by_content_and_named_without_the_package(
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(LoaderError, match=r"a GGUF file: install wwcli\[gguf\]"):
         open_checkpoint(renamed)
+
+
+def test_the_quantization_is_a_column_of_gguf_reports_only() -> None:
+    from wwcli.analysis import analyze_path, list_path
+    from wwcli.report.rows import analyze_rows
+    from wwcli.report.table import render_describe_table
+    from wwcli.results import CheckpointListing, CheckpointReport
+    from wwcli.settings import RunSettings
+
+    report = analyze_path(FIXTURES["Q4_K"], RunSettings())
+    assert isinstance(report, CheckpointReport)
+    rows = analyze_rows(report)
+    assert rows[0]["quantization"] == "Q4_K"
+    assert {row["quantization"] for row in rows} <= {"Q4_K", "F32", "F16", "Q8_0"}
+    safetensors = REPO / "fixtures" / "safetensors" / "cnn.safetensors"
+    other = analyze_path(safetensors, RunSettings())
+    assert isinstance(other, CheckpointReport)
+    assert "quantization" not in analyze_rows(other)[0]
+    listing = list_path(FIXTURES["Q4_K"], RunSettings())
+    assert isinstance(listing, CheckpointListing)
+    header = render_describe_table(listing, width=160, color=False).splitlines()[2]
+    assert "dtype" in header.split()
+    plain = list_path(safetensors, RunSettings())
+    assert isinstance(plain, CheckpointListing)
+    assert "dtype" not in render_describe_table(plain, width=160, color=False).splitlines()[2]

@@ -326,6 +326,12 @@ ANALYZE_REGISTRY: list[Column[LayerResult]] = [
             ("delta_message", _diagnostic("delta", "message")),
         ],
     ),
+    Column(
+        "quantization",
+        lambda _, r: r.spec.dtype,
+        View("quant", lambda r: printable(r.spec.dtype), 4.5, 5, numeric=False),
+        groups=("quantized",),
+    ),
     *_group_columns(
         "evidence",
         [
@@ -366,6 +372,12 @@ DESCRIBE_REGISTRY: list[Column[ListedLayer]] = [
         Listed("shape", lambda item: shape_text(item.spec.shape), 3, 5, numeric=False),
     ),
     Column("dtype", lambda _, item: item.spec.dtype),
+    Column(  # the table shows the stored type where it may be a quantization (GGUF)
+        None,
+        lambda _, item: None,
+        Listed("dtype", lambda item: printable(item.spec.dtype), 3.5, 5, numeric=False),
+        groups=("quantized",),
+    ),
     Column("N", lambda _, item: item.spec.N, Listed("N", lambda item: str(item.spec.N), 4, 6)),
     Column("M", lambda _, item: item.spec.M, Listed("M", lambda item: str(item.spec.M), 5, 6)),
     Column("rf", lambda _, item: item.spec.rf, Listed("rf", lambda item: str(item.spec.rf), 6, 6)),

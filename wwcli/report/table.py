@@ -24,6 +24,7 @@ from wwcli.report.columns import (
 )
 from wwcli.report.escape import printable
 from wwcli.results import (
+    QUANTIZED_FORMATS,
     CheckpointListing,
     CheckpointReport,
     LayerResult,
@@ -308,7 +309,9 @@ def render_describe_table(listing: CheckpointListing, *, width: int, color: bool
         console,
         buffer,
         printable(listing.checkpoint),
-        table_views(DESCRIBE_REGISTRY),
+        table_views(
+            DESCRIBE_REGISTRY, ("quantized",) if listing.format in QUANTIZED_FORMATS else ()
+        ),
         listing.layers,
         [None if layer.skip_reason is None else "dim" for layer in listing.layers],
         width,
