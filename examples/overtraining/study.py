@@ -696,6 +696,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     init_numbers = pool_map(_diagnose_job, [(path, None) for path, _, _ in inits], args.jobs)
     analysis_seconds = time.perf_counter() - analysis_started
 
+    for row in rows:  # paths relative to the output folder: they end up in committed results
+        for key in ("checkpoint", "init_checkpoint"):
+            row[key] = os.path.relpath(row[key], out)
     selection = [row for row in rows if row["split"] == "selection"]
     held_out = [row for row in rows if row["split"] == "held-out"]
     chosen, _ = choose_rule(selection)
@@ -716,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chosen_held_out": asdict(score(chosen, held_out)),
         "rows": rows,
         "initial": [
-            {"checkpoint": path, "seed": seed, "hidden": hidden, **numbers}
+            {"checkpoint": os.path.relpath(path, out), "seed": seed, "hidden": hidden, **numbers}
             for (path, seed, hidden), numbers in zip(inits, init_numbers, strict=True)
         ],
         "seconds": {
