@@ -1,8 +1,8 @@
 """Validation study: do weight-only diagnostics tell which checkpoints lost test accuracy?
 
 The seed MLP (experiment.py's; trained as `study_train.py` says) is trained on scikit-learn's
-digits over a grid: label noise 0, 0.2 and 0.4; 250 training images and the full 1,257; four
-seeds (1-2 select the rule, 3-4 judge it); fc2 of width 100 (a 300x100 kernel) and 300
+digits over a grid: label noise 0, 0.2 and 0.4; 250 training images and the full 1,257; six
+seeds (1-2 select the rule, 3-6 judge it); fc2 of width 100 (a 300x100 kernel) and 300
 (300x300); batch sizes 32, 16, 8, 4, 2, 1.
 Every initial and trained model is saved as a PyTorch state dict, and wwcli measures fc2 of each
 checkpoint through its Python API (`wwcli.analysis.analyze_path`: alpha, clip_xmax alpha, the MP
@@ -131,13 +131,13 @@ FULL = StudyConfig(
     noise_levels=(0.0, 0.2, 0.4),
     train_sizes=(250, 0),
     selection_seeds=(1, 2),
-    held_out_seeds=(3, 4),
+    held_out_seeds=(3, 4, 5, 6),
     hidden=(100, 300),
     batch_sizes=(32, 16, 8, 4, 2, 1),
     learning_rate=0.01,
     max_epochs=200,
 )
-"""The study: 48 groups (noise x training set x seed x width) of 6 batch sizes, 288 models."""
+"""The study: 72 groups (noise x training set x seed x width) of 6 batch sizes, 432 models."""
 
 REDUCED = StudyConfig(
     noise_levels=(0.0, 0.4),
