@@ -197,7 +197,8 @@ def test_labels_rules_and_scores_on_known_rows() -> None:
     assert not study.holds(s)  # 2 positives < 10
 
     cuts = {r.threshold for r in study.candidate_rules(rows) if r.feature == "mp_spike_frac"}
-    assert sorted(cuts) == pytest.approx([0.15, 0.25, 0.4])  # midpoints of the judged rows' values 0.2, 0.3, 0.5
+    # Midpoints of the judged rows' values 0.2, 0.3, 0.5.
+    assert sorted(cuts) == pytest.approx([0.15, 0.25, 0.4])
     chosen, best = study.choose_rule(rows)
     # alpha < 2 reaches F1 0.8 (3 flagged, 2 right); alpha < 1.925 flags just the two lost rows.
     assert best.f1 == 1.0 and chosen == study.Rule("alpha", "<", pytest.approx(1.925), False)
