@@ -36,7 +36,6 @@ __all__ = [
     "GROUP_OPTIONS",
     "DeltaResult",
     "Diagnostics",
-    "Evidence",
     "LayerDiagnostics",
     "delta_result",
     "layer_diagnostics",
@@ -53,7 +52,6 @@ GROUP_OPTIONS: dict[str, str] = {
     "fingers": "--fix-fingers clip_xmax",
     "tpl": "--fit tpl",
     "tail_tests": "--tail-tests",
-    "evidence": "the over-training evidence (not built yet)",
 }
 """Each group of optional columns, and the option that computes it (for messages)."""
 
@@ -118,18 +116,6 @@ class DeltaResult:
 
 
 @dataclass(frozen=True)
-class Evidence:
-    """The hook for an over-training verdict built on evidence beyond alpha (nothing fills it
-    yet: a rule becomes one only if examples/overtraining finds one that holds on held-out
-    seeds; wwcli/evidence.py would then compute it from a LayerResult)."""
-
-    verdict: str
-    """"possibly over-trained", or "" when the rule does not fire."""
-    reasons: str
-    """The evidence named, for people ("alpha 1.7 < 2 and num_spikes 14 > plateau 9")."""
-
-
-@dataclass(frozen=True)
 class LayerDiagnostics:
     """The optional groups computed for one layer (None: not asked for, or no eigenvalues)."""
 
@@ -141,8 +127,6 @@ class LayerDiagnostics:
     """ERG / detX (--detx)."""
     delta: DeltaResult | None = None
     """The update W - W_base (--base)."""
-    evidence: Evidence | None = None
-    """The over-training evidence, once a validated rule exists (see Evidence)."""
 
 
 def run_groups(diagnostics: Diagnostics, engine: EngineOptions) -> tuple[str, ...]:

@@ -420,8 +420,7 @@ def evaluate(run: RunResult, policy: GatePolicy | None = None) -> GateOutcome:
 # --- --fail-on: a small expression language over a layer's metrics -------------------------------
 
 TEXT_METRICS = frozenset(
-    {"checkpoint", "name", "layer_type", "status", "warning", "verdict", "message"}
-    | {"delta_base", "evidence", "evidence_verdict"}
+    {"checkpoint", "name", "layer_type", "status", "warning", "verdict", "message", "delta_base"}
 )
 """Row keys whose values are words (compared with == and != only); every *_message is too."""
 

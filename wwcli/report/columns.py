@@ -332,13 +332,6 @@ ANALYZE_REGISTRY: list[Column[LayerResult]] = [
         View("quant", lambda r: printable(r.spec.dtype), 4.5, 5, numeric=False),
         groups=("quantized",),
     ),
-    *_group_columns(
-        "evidence",
-        [
-            ("evidence_verdict", _diagnostic("evidence", "verdict")),
-            ("evidence", _diagnostic("evidence", "reasons")),
-        ],
-    ),
 ]
 """Every column of `analyze`, in row order: the built-in ones, then the optional groups."""
 
