@@ -250,6 +250,37 @@ ExitZeroOption = Annotated[
 ]
 
 
+def _run_settings(
+    *,
+    layers: str | None,
+    min_evals: int,
+    max_evals: int,
+    trust_pickle: bool,
+    conv1d: Conv1DMode,
+    fail_below: str,
+    exit_zero: bool,
+    gate_min_evals: int,
+    gate_ignore: list[str] | None,
+    allow_empty: bool,
+) -> RunSettings:
+    """The run's settings from the options sweep and compare share (the gate's included)."""
+    gate = gate_from_cli(
+        fail_below=fail_below,
+        exit_zero=exit_zero,
+        gate_min_evals=gate_min_evals,
+        gate_ignore=gate_ignore or (),
+        allow_empty=allow_empty,
+    )
+    return settings_from_cli(
+        layers=layers,
+        min_evals=min_evals,
+        max_evals=max_evals,
+        trust_pickle=trust_pickle,
+        conv1d=conv1d,
+        gate=gate,
+    )
+
+
 def _targets(
     *pairs: tuple[Path | None, str, str],
 ) -> list[ReportFile]:
@@ -379,20 +410,17 @@ def sweep(
             inputs = discover(paths, order=order.value)
         except SweepError as error:
             raise UsageError(str(error)) from error
-        gate = gate_from_cli(
-            fail_below=fail_below,
-            exit_zero=exit_zero,
-            gate_min_evals=gate_min_evals,
-            gate_ignore=gate_ignore or (),
-            allow_empty=allow_empty,
-        )
-        settings = settings_from_cli(
+        settings = _run_settings(
             layers=layers,
             min_evals=min_evals,
             max_evals=max_evals,
             trust_pickle=trust_pickle,
             conv1d=conv1d,
-            gate=gate,
+            fail_below=fail_below,
+            exit_zero=exit_zero,
+            gate_min_evals=gate_min_evals,
+            gate_ignore=gate_ignore,
+            allow_empty=allow_empty,
         )
         targets = _targets((csv_file, "--csv", "csv"), (json_file, "--json", "json"))
         for target in targets:
@@ -566,20 +594,17 @@ def compare(
         from wwcli.runners import LocalRunner, default_jobs
         from wwcli.sweep import render_json
 
-        gate = gate_from_cli(
-            fail_below=fail_below,
-            exit_zero=exit_zero,
-            gate_min_evals=gate_min_evals,
-            gate_ignore=gate_ignore or (),
-            allow_empty=allow_empty,
-        )
-        settings = settings_from_cli(
+        settings = _run_settings(
             layers=layers,
             min_evals=min_evals,
             max_evals=max_evals,
             trust_pickle=trust_pickle,
             conv1d=conv1d,
-            gate=gate,
+            fail_below=fail_below,
+            exit_zero=exit_zero,
+            gate_min_evals=gate_min_evals,
+            gate_ignore=gate_ignore,
+            allow_empty=allow_empty,
         )
         targets = _targets((csv_file, "--csv", "csv"), (json_file, "--json", "json"))
         for target in targets:
