@@ -234,6 +234,43 @@ def test_help_is_fast_and_imports_no_framework() -> None:
     assert wall < 5.0  # generous: the measured figure (README) is far lower
 
 
+def test_analyzing_a_state_dict_imports_only_what_it_needs() -> None:
+    """A plain `analyze model.pt --format json` (issue 17: start-up is most of its time) reads
+    the file without torch and imports neither the CI formats (XML, SARIF), rich's table, the
+    pictures, the sweep and cache layers, nor the optional diagnostics' packages."""
+    unwanted = (
+        "torch",
+        "wwcli.report.ci",
+        "xml.etree.ElementTree",
+        "rich.table",
+        "matplotlib",
+        "wwcli.report.html",
+        "wwcli.report.plots",
+        "wwcli.sweep",
+        "wwcli.cache",
+        "dask",
+        "powerlaw",
+        "wwcli.engine.mpfit",
+    )
+    code = "\n".join(
+        [
+            "import contextlib, io, sys",
+            "from wwcli.cli import app",
+            "with contextlib.redirect_stdout(io.StringIO()):",
+            "    try:",
+            "        app(['analyze', sys.argv[1], '--format', 'json'], prog_name='wwcli')",
+            "    except SystemExit:",
+            "        pass",
+            f"print([m for m in {unwanted!r} if m in sys.modules], 'numpy' in sys.modules)",
+        ]
+    )
+    checkpoint = FIXTURES / "torch" / "cnn_state_dict.pt"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(checkpoint)], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["[]", "True"], out  # numpy: the analysis really ran
+
+
 def test_cuda_without_a_device_is_a_usage_error() -> None:
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

@@ -133,6 +133,13 @@ class JsonFormatter:
 def formatter_for(name: str, *, width: int = 100_000, color: bool = False) -> Formatter:
     """The formatter of an output format ("table", "csv", "json", and for CI "github",
     "junit", "markdown", "sarif")."""
+    if name == "table":
+        return TableFormatter(width, color)
+    if name == "csv":
+        return CsvFormatter()
+    if name == "json":
+        return JsonFormatter()
+    # Only the CI formats need wwcli/report/ci.py (XML, SARIF, hashing): not imported otherwise.
     from wwcli.report.ci import GithubFormatter, JunitFormatter, MarkdownFormatter, SarifFormatter
 
     formatters: dict[str, Formatter] = {
