@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from wwcli.engine.results import Verdict
 from wwcli.report.columns import (
@@ -32,6 +28,12 @@ from wwcli.results import (
     Summary,
     summarize,
 )
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# rich's table, box and text modules are imported where a table is drawn: the summary lines
+# (every analyze run's stderr) need none of them.
 
 __all__ = [
     "PLAIN_TABLE_ROWS",
@@ -117,6 +119,8 @@ def _fit_columns(
 
 
 def _console(width: int, color: bool) -> tuple[Console, io.StringIO]:
+    from rich.console import Console
+
     buffer = io.StringIO()
     console = Console(
         file=buffer,
@@ -161,6 +165,10 @@ def _render_table(
     width: int,
 ) -> None:
     """Lay the items out under `views`: rich for a screenful, plain text for huge listings."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     if len(items) > PLAIN_TABLE_ROWS:
         buffer.write(
             _plain_table(
@@ -283,6 +291,8 @@ def listing_summary(listing: CheckpointListing) -> str:
 
 def render_analyze_table(report: CheckpointReport, *, width: int, color: bool) -> str:
     """The analyzed layers of one checkpoint as a table, then its summary."""
+    from rich.text import Text
+
     console, buffer = _console(width, color)
     title = printable(report.checkpoint)
     if report.layers:
@@ -304,6 +314,8 @@ def render_analyze_table(report: CheckpointReport, *, width: int, color: bool) -
 
 def render_describe_table(listing: CheckpointListing, *, width: int, color: bool) -> str:
     """describe's listing of one checkpoint as a table, its notes and its summary line."""
+    from rich.text import Text
+
     console, buffer = _console(width, color)
     _render_table(
         console,
