@@ -437,7 +437,7 @@ def metric_names() -> dict[str, tuple[str, ...]]:
     return {column.key: column.groups for column in ANALYZE_REGISTRY if column.key is not None}
 
 
-_TOKEN = re.compile(
+_TOKEN = (  # compiled on the first --fail-on rule (re caches it), not at import
     r"\s*(?:(?P<number>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
     r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
     r"|(?P<text>\"[^\"]*\"|'[^']*')"
@@ -562,7 +562,7 @@ class _Parser:
         while position < len(text):
             if text[position:].strip() == "":
                 break
-            match = _TOKEN.match(text, position)
+            match = re.compile(_TOKEN).match(text, position)
             if match is None or match.end() == position:
                 start = len(text) - len(text[position:].lstrip())
                 raise ValueError(f"unexpected {text[start]!r} at column {start + 1}")
