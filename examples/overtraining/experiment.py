@@ -1,18 +1,29 @@
 """The seed study's over-training experiment, reproduced from saved checkpoints with wwcli.
 
-One 3-layer MLP is trained per batch size, only its hidden Dense(100) layer trainable, until the
-training loss stops improving; each is saved as `.keras`; then the `wwcli` command (a subprocess,
-as a user runs it) analyzes every checkpoint, and this script writes the results table, the plot
-`alpha_vs_accuracy.png`, and what the gate did on the smallest-batch checkpoint.
+One 3-layer MLP is trained per batch size, in decreasing order, only its hidden Dense(100) layer
+trainable, until the training loss stops improving; each is saved as `.keras`, named so that a
+sweep's natural order is the experiment's (`checkpoints/init/step-0.keras`, the untrained model,
+then `checkpoints/bs32/step-1.keras`, `checkpoints/bs16/step-2.keras`, ...). Then ONE command, as
+a user runs it (a subprocess),
+
+    wwcli sweep 'DIR/checkpoints/*/step-*.keras' --json DIR/sweep.json --csv DIR/sweep.csv
+        --plot DIR --no-cache
+
+analyzes every checkpoint and follows each layer across them: its table (the layers whose alpha
+crossed below 2 and the first checkpoint where it did), long-format JSON and CSV and trajectory
+figure are the results, and its exit code is the gate on the last checkpoint, the smallest batch.
+This script adds what only training knows (accuracies, epochs), from the sweep's JSON.
 
     python examples/overtraining/experiment.py [--out DIR] [--batch-sizes 32 16 8 4 2 1]
         [--max-epochs N] [--learning-rate LR] [--min-delta X] [--train-size N] [--seed N]
         [--mnist PATH.npz]
     python examples/overtraining/experiment.py --out DIR --replot   # table and plot again
 
-Outputs under DIR (default: this folder): `checkpoints/*.keras` (regenerated, not committed),
-`wwcli.json` (wwcli's own JSON for all checkpoints), `results.json` (settings, per-run metrics
-and training histories, the gate), `results.csv`, `results.md` (the table) and the plot.
+Outputs under DIR (default: this folder): `checkpoints/*/step-*.keras` (regenerated, not
+committed); the sweep's `sweep.txt` (its table), `sweep.json`, `sweep.csv`, `trajectory-alpha.png`
+and `trajectory-log_spectral_norm.png`; `results.json` (settings, per-run metrics and training
+histories, the sweep's command, exit code and crossings), `results.csv`, `results.md` (the table)
+and `alpha_vs_accuracy.png`.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -46,8 +58,23 @@ The layers are named flatten, fc1, fc2, fc3; wwcli numbers them 0 to 3 (`wwcli d
 FROZEN_LAYERS = ("fc1", "fc3")
 """Layers that keep their initial weights."""
 
-INIT_CHECKPOINT = "init.keras"
-"""The untrained model, saved too: the starting point every run shares."""
+INIT_FOLDER = "init"
+"""The untrained model is saved too, as step 0 of the sweep: the starting point every run shares,
+so the trajectory starts where training did and a crossing has an alpha "before" it."""
+
+CHECKPOINT_GLOB = "*/step-*.keras"
+"""What the sweep is given, under DIR/checkpoints: every checkpoint, init included."""
+
+ALPHA_LINES = (2.0, 6.0)
+"""wwcli's default lines: alpha < 2 is "very heavy-tailed", alpha > 6 "light tail"."""
+
+
+def checkpoint_path(folder: Path, step: int, batch_size: int | None) -> Path:
+    """`folder/bs{N}/step-{k}.keras` (`folder/init/step-0.keras` for the untrained model): the file
+    name carries the step, which orders the sweep (wwcli's natural order, the last number in the
+    name), and the folder the batch size, which shows on the figure's axis and in the table."""
+    sub = INIT_FOLDER if batch_size is None else f"bs{batch_size}"
+    return folder / sub / f"step-{step}.keras"
 
 
 @dataclass(frozen=True)
@@ -57,7 +84,7 @@ class Settings:
     dataset: str
     """"digits" (scikit-learn's bundled 8x8 digits) or the path of an MNIST .npz."""
     batch_sizes: tuple[int, ...]
-    """One model per batch size, in this order."""
+    """One model per batch size, in this (strictly decreasing) order: steps 1, 2, ..."""
     max_epochs: int
     """Safety cap on epochs; a run that reaches it did not early-stop (recorded per run)."""
     learning_rate: float
@@ -125,7 +152,7 @@ class TrainedRun:
 
 @dataclass(frozen=True)
 class LayerAlpha:
-    """What wwcli reported on one layer of one checkpoint."""
+    """What the sweep reported on one layer of one checkpoint (a row of its long format)."""
 
     alpha: float | None
     """Power-law exponent; None when the fit failed."""
@@ -134,21 +161,23 @@ class LayerAlpha:
     num_pl_spikes: int | None
     """Eigenvalues in the fitted tail."""
     lambda_max: float | None
-    """Largest eigenvalue."""
-    verdict: str
-    """wwcli's verdict: over-trained, typical, under-trained, failed."""
+    """Largest eigenvalue, 10 ** log_spectral_norm."""
+    label: str
+    """wwcli's words for alpha: very heavy-tailed (< 2), typical, light tail (> 6), fit failed."""
 
 
 @dataclass(frozen=True)
-class Gate:
-    """`wwcli analyze` run as a CI gate on one checkpoint."""
+class SweepRun:
+    """The one `wwcli sweep` command over every checkpoint."""
 
     command: list[str]
     """The command line, with `wwcli` for the interpreter and module."""
     exit_code: int
-    """0 clean, 1 the gate tripped, 2 usage or input error."""
+    """The gate on the last checkpoint: 0 clean, 1 tripped (2 is an error, raised)."""
+    table: str
+    """What it printed: the crossings and alpha per layer across the run."""
     stderr: str
-    """What wwcli told people (gate messages)."""
+    """What it told people besides (progress, notes, the gate line)."""
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -322,47 +351,68 @@ def wwcli_command(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "wwcli", *(str(arg) for arg in args)]
 
 
-def run_wwcli_analyze(checkpoints: Sequence[Path], json_path: Path) -> list[dict[str, Any]]:
-    """`wwcli analyze CKPT... --json FILE --exit-zero --quiet`; return one object per checkpoint.
+def run_wwcli_sweep(checkpoints: Path, out: Path) -> tuple[SweepRun, dict[str, Any]]:
+    """`wwcli sweep 'CHECKPOINTS/*/step-*.keras' --json --csv --plot OUT --no-cache`: one run over
+    every checkpoint (the cache is off: the checkpoints are new each time). Writes its table to
+    OUT/sweep.txt; returns the run and its JSON document.
 
-    Raises RuntimeError when wwcli fails (exit 2 means it could not read a checkpoint)."""
-    command = wwcli_command("analyze", *checkpoints, "--json", json_path, "--exit-zero", "--quiet")
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(
-            f"wwcli analyze exited {completed.returncode}:\n{completed.stderr.strip()}"
-        )
-    document = json.loads(json_path.read_text())
-    objects: list[dict[str, Any]] = document.get("checkpoints", [document])
-    return objects
-
-
-def layer_alpha(checkpoint_object: dict[str, Any], name: str) -> LayerAlpha:
-    """The named layer's metrics in one wwcli checkpoint object."""
-    for layer in checkpoint_object["layers"]:
-        if layer["name"] == name:
-            return LayerAlpha(
-                alpha=layer["alpha"],
-                D=layer["D"],
-                num_pl_spikes=layer["num_pl_spikes"],
-                lambda_max=layer["lambda_max"],
-                verdict=layer["verdict"],
-            )
-    raise KeyError(f"{checkpoint_object['checkpoint']}: wwcli reported no layer named {name!r}")
-
-
-def run_gate(checkpoint: Path) -> Gate:
-    """`wwcli analyze CKPT --layers name:fc2`: the default gate (exit 1 when alpha < 2)."""
-    args = ["analyze", str(checkpoint), "--layers", f"name:{TRAINABLE_LAYER}"]
+    Raises RuntimeError when wwcli fails (exit 2: it could not read a checkpoint)."""
+    args = [
+        "sweep",
+        str(checkpoints / CHECKPOINT_GLOB),
+        "--json",
+        str(out / "sweep.json"),
+        "--csv",
+        str(out / "sweep.csv"),
+        "--plot",
+        str(out),
+        "--no-cache",
+    ]
     completed = subprocess.run(wwcli_command(*args), capture_output=True, text=True, check=False)
-    return Gate(
-        command=["wwcli", *args], exit_code=completed.returncode, stderr=completed.stderr.strip()
+    if completed.returncode not in (0, 1):
+        error = completed.stderr.strip()
+        raise RuntimeError(f"wwcli sweep exited {completed.returncode}:\n{error}")
+    (out / "sweep.txt").write_text(completed.stdout)
+    document: dict[str, Any] = json.loads((out / "sweep.json").read_text())
+    run = SweepRun(
+        command=["wwcli", *args],
+        exit_code=completed.returncode,
+        table=completed.stdout,
+        stderr=completed.stderr.strip(),
     )
+    return run, document
+
+
+def alpha_label(alpha: float | None) -> str:
+    """wwcli's words for an alpha at its default lines (its `verdict` column)."""
+    low, high = ALPHA_LINES
+    if alpha is None:
+        return "fit failed"
+    if alpha < low:
+        return "very heavy-tailed"
+    return "light tail" if alpha > high else "typical"
+
+
+def layer_alpha(document: dict[str, Any], checkpoint: Path, name: str) -> LayerAlpha:
+    """The named layer's metrics at one checkpoint, from the sweep's long-format rows."""
+    for row in document["trajectory"]:
+        if Path(row["checkpoint"]) == checkpoint and row["name"] == name:
+            spectral = row["log_spectral_norm"]
+            alpha = row["alpha"] if row["status"] == "success" else None
+            return LayerAlpha(
+                alpha=alpha,
+                D=row["D"],
+                num_pl_spikes=row["num_pl_spikes"],
+                lambda_max=None if spectral is None else 10.0**spectral,
+                label=alpha_label(alpha),
+            )
+    raise KeyError(f"{checkpoint}: the sweep reported no layer named {name!r}")
 
 
 # --- table and plot -----------------------------------------------------------------------------
 
 TABLE_COLUMNS = (
+    "step",
     "batch size",
     "epochs (best)",
     "SGD steps",
@@ -372,14 +422,14 @@ TABLE_COLUMNS = (
     "D",
     "spikes",
     "lambda_max",
-    "verdict",
+    "label",
 )
 
 
 def table_rows(
     runs: Sequence[TrainedRun], alphas: Sequence[LayerAlpha], initial: tuple[float, LayerAlpha]
 ) -> list[list[str]]:
-    """The results table as strings, the untrained model first."""
+    """The results table as strings, the untrained model (step 0) first."""
 
     def fmt(value: float | None, digits: int) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
@@ -387,6 +437,7 @@ def table_rows(
     init_accuracy, init_alpha = initial
     rows = [
         [
+            "0",
             "(initial weights)",
             "0",
             "0",
@@ -396,13 +447,14 @@ def table_rows(
             fmt(init_alpha.D, 3),
             str(init_alpha.num_pl_spikes),
             fmt(init_alpha.lambda_max, 2),
-            init_alpha.verdict,
+            init_alpha.label,
         ]
     ]
-    for run, fit in zip(runs, alphas, strict=True):
+    for step, (run, fit) in enumerate(zip(runs, alphas, strict=True), start=1):
         stop = "" if run.early_stopped else ", cap"
         rows.append(
             [
+                str(step),
                 str(run.batch_size),
                 f"{run.epochs} ({run.best_epoch}{stop})",
                 str(run.steps),
@@ -412,7 +464,7 @@ def table_rows(
                 fmt(fit.D, 3),
                 str(fit.num_pl_spikes),
                 fmt(fit.lambda_max, 2),
-                fit.verdict,
+                fit.label,
             ]
         )
     return rows
@@ -490,7 +542,7 @@ def plot_alpha_vs_accuracy(
         pad = max(0.004, 0.15 * span)
         left.set_xlim(min(accuracies) - pad, max(accuracies) + pad)
     left.set_xlabel("test accuracy")
-    left.set_ylabel(f"alpha of {TRAINABLE_LAYER} (wwcli analyze)")
+    left.set_ylabel(f"alpha of {TRAINABLE_LAYER} (wwcli sweep)")
     left.set_title("alpha vs test accuracy, one model per batch size", fontsize=10)
 
     right.plot(sizes, values, "o-", color="tab:blue")
@@ -525,7 +577,7 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
     """Write results.md, results.csv and the plot from a results.json document; return the
     markdown table."""
     runs = [
-        TrainedRun(**{key: value for key, value in run.items() if key != TRAINABLE_LAYER})
+        TrainedRun(**{k: v for k, v in run.items() if k not in {TRAINABLE_LAYER, "step"}})
         for run in results["runs"]
     ]
     alphas = [LayerAlpha(**run[TRAINABLE_LAYER]) for run in results["runs"]]
@@ -569,39 +621,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if any(size < 1 for size in args.batch_sizes) or args.max_epochs < 1:
         parser.error("batch sizes and --max-epochs must be positive")
+    if any(a <= b for a, b in zip(args.batch_sizes, args.batch_sizes[1:], strict=False)):
+        parser.error("--batch-sizes must be strictly decreasing (the sweep's steps 1, 2, ...)")
     return args
 
 
-def run_sweep(keras: Any, data: Dataset, settings: Settings, out: Path) -> dict[str, Any]:
-    """Train and save one model per batch size, run wwcli on all of them and the gate on the
-    smallest batch; return the results.json document."""
+def run_experiment(keras: Any, data: Dataset, settings: Settings, out: Path) -> dict[str, Any]:
+    """Train and save one model per batch size, then one `wwcli sweep` over all of them; return
+    the results.json document, built from the sweep's JSON and what training measured."""
     started = time.perf_counter()
     checkpoints = out / "checkpoints"
-    init_path = checkpoints / INIT_CHECKPOINT
+    init_path = checkpoint_path(checkpoints, 0, None)
     init_accuracy = save_initial(keras, data, settings, init_path)
     runs: list[TrainedRun] = []
-    for batch_size in settings.batch_sizes:
-        run = train_one(keras, data, batch_size, settings, checkpoints / f"bs{batch_size}.keras")
+    for step, batch_size in enumerate(settings.batch_sizes, start=1):
+        path = checkpoint_path(checkpoints, step, batch_size)
+        run = train_one(keras, data, batch_size, settings, path)
         runs.append(run)
         print(
-            f"batch size {batch_size:>3}: {run.epochs} epochs (best {run.best_epoch}"
+            f"step {step}, batch size {batch_size:>3}: {run.epochs} epochs (best {run.best_epoch}"
             f"{'' if run.early_stopped else ', hit the cap'}), train acc "
             f"{run.train_accuracy:.3f}, test acc {run.test_accuracy:.3f}, {run.seconds:.0f} s",
             file=sys.stderr,
         )
     training_seconds = time.perf_counter() - started
 
+    sweep_started = time.perf_counter()
+    sweep, document = run_wwcli_sweep(checkpoints, out)
+    sweep_seconds = time.perf_counter() - sweep_started
     paths = [init_path, *(Path(run.checkpoint) for run in runs)]
-    objects = run_wwcli_analyze(paths, out / "wwcli.json")
-    by_path = {obj["checkpoint"]: obj for obj in objects}
-    initial_alpha = layer_alpha(by_path[str(init_path)], TRAINABLE_LAYER)
-    alphas = [layer_alpha(by_path[run.checkpoint], TRAINABLE_LAYER) for run in runs]
+    swept = [Path(item["checkpoint"]) for item in document["checkpoints"]]
+    if swept != paths:
+        raise RuntimeError(f"the sweep's order {swept} is not the experiment's {paths}")
+    initial_alpha = layer_alpha(document, init_path, TRAINABLE_LAYER)
+    alphas = [layer_alpha(document, Path(run.checkpoint), TRAINABLE_LAYER) for run in runs]
     # The frozen layers must come out of every checkpoint with the same spectrum.
-    frozen = {
-        name: [layer_alpha(obj, name).lambda_max for obj in objects] for name in FROZEN_LAYERS
-    }
+    frozen = {name: [layer_alpha(document, path, name) for path in paths] for name in FROZEN_LAYERS}
     smallest = min(runs, key=lambda run: run.batch_size)
-    gate = run_gate(Path(smallest.checkpoint))
 
     import tensorflow as tf
 
@@ -609,19 +665,34 @@ def run_sweep(keras: Any, data: Dataset, settings: Settings, out: Path) -> dict[
         "settings": asdict(settings),
         "train_images": len(data.y_train),
         "test_images": len(data.y_test),
-        "initial": {"test_accuracy": init_accuracy, TRAINABLE_LAYER: asdict(initial_alpha)},
+        "initial": {
+            "checkpoint": str(init_path),
+            "test_accuracy": init_accuracy,
+            TRAINABLE_LAYER: asdict(initial_alpha),
+        },
         "runs": [
-            {**asdict(run), TRAINABLE_LAYER: asdict(fit)}
-            for run, fit in zip(runs, alphas, strict=True)
+            {**asdict(run), "step": step, TRAINABLE_LAYER: asdict(fit)}
+            for step, (run, fit) in enumerate(zip(runs, alphas, strict=True), start=1)
         ],
-        "frozen_layers_unchanged": all(len(set(values)) == 1 for values in frozen.values()),
-        "gate": asdict(gate),
-        "seconds": {"training": training_seconds, "total": time.perf_counter() - started},
+        "frozen_layers_unchanged": all(
+            len({(fit.alpha, fit.lambda_max) for fit in fits}) == 1 for fits in frozen.values()
+        ),
+        "sweep": {**asdict(sweep), "crossings": document["crossings"]},
+        "gate": {
+            "checkpoint": smallest.checkpoint,
+            "batch_size": smallest.batch_size,
+            "exit_code": sweep.exit_code,
+        },
+        "seconds": {
+            "training": training_seconds,
+            "sweep": sweep_seconds,
+            "total": time.perf_counter() - started,
+        },
         "environment": {
             "python": platform.python_version(),
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
-            "wwcli": objects[0]["wwcli_version"],
+            "wwcli": document["wwcli_version"],
             "machine": platform.machine(),
         },
     }
@@ -661,14 +732,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"of shape {data.input_shape}; SGD lr={settings.learning_rate}",
         file=sys.stderr,
     )
-    results = run_sweep(keras, data, settings, out)
+    results = run_experiment(keras, data, settings, out)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     sys.stdout.write(write_report(out, results))
-    gate = results["gate"]
+    sweep = results["sweep"]
+    sys.stdout.write("\n$ " + shlex.join(sweep["command"]) + "\n" + sweep["table"])
     print(
-        f"frozen layers unchanged: {results['frozen_layers_unchanged']}; gate on the smallest "
-        f"batch: `{' '.join(gate['command'])}` exited {gate['exit_code']}; "
-        f"{results['seconds']['total']:.0f} s in all",
+        f"frozen layers unchanged: {results['frozen_layers_unchanged']}; the sweep (its gate: "
+        f"the last checkpoint, batch size {results['gate']['batch_size']}) exited "
+        f"{sweep['exit_code']}; {results['seconds']['total']:.0f} s in all",
         file=sys.stderr,
     )
     return 0 if results["frozen_layers_unchanged"] else 1
