@@ -113,6 +113,25 @@ def test_natural_name_and_mtime_orders(tmp_path: Path) -> None:
     assert natural_key("step-9") < natural_key("step-10") < natural_key("step-10b")
 
 
+def test_a_sub_folder_holding_one_checkpoint_file_is_that_file(tmp_path: Path) -> None:
+    for step, group in ((1, "bs32"), (2, "bs16"), (3, "bs8")):
+        (tmp_path / group).mkdir()
+        (tmp_path / group / f"step-{step}.keras").write_bytes(b"x")
+    model = tmp_path / "hf"  # a model folder stays one checkpoint
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"x")
+    two = tmp_path / "two"  # two weight files: the folder is the checkpoint
+    two.mkdir()
+    (two / "a.safetensors").write_bytes(b"x")
+    (two / "b.safetensors").write_bytes(b"x")
+    found = [item.path.relative_to(tmp_path).as_posix() for item in discover([tmp_path])]
+    # Natural order by name: hf, step-1, step-2, step-3, two.
+    assert found == ["hf", "bs32/step-1.keras", "bs16/step-2.keras", "bs8/step-3.keras", "two"]
+    globbed = discover([str(tmp_path / "bs*")])
+    assert [item.order_key for item in globbed] == [1, 2, 3]
+
+
 def test_mixed_formats_in_one_run(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     folder = tmp_path / "run"

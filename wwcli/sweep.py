@@ -125,17 +125,42 @@ def is_model_folder(path: Path) -> bool:
     )
 
 
+def _single_file(folder: Path) -> Path | None:
+    """The one checkpoint file of a sub-folder that holds nothing else a model folder has (no
+    config.json, no index, no second weight file): `bs32/step-1.keras` stands for itself."""
+    try:
+        names = [name for name in os.listdir(folder) if not name.startswith(".")]
+    except OSError:
+        return None
+    if any(name == "config.json" or name.endswith(".index.json") for name in names):
+        return None
+    files = [folder / name for name in names if _is_checkpoint_file(folder / name)]
+    return files[0] if len(files) == 1 else None
+
+
+def _checkpoint(path: Path) -> Path | None:
+    """What a run folder's entry contributes: a checkpoint file, the file a one-file sub-folder
+    holds, a model sub-folder, or nothing."""
+    if _is_checkpoint_file(path):
+        return path
+    if not is_model_folder(path):
+        return None
+    return _single_file(path) or path
+
+
 def _in_folder(folder: Path) -> list[Path]:
-    """The checkpoints of a run folder: its checkpoint files and model sub-folders; the folder
-    itself when it is one model (a sharded index, or weights without any run structure)."""
+    """The checkpoints of a run folder: its checkpoint files and model sub-folders (a sub-folder
+    holding one checkpoint file gives that file); the folder itself when it is one model (a
+    sharded index, or weights without any run structure)."""
     if any(name.endswith(".index.json") for name in os.listdir(folder)):
         return [folder]
     found = []
     for child in sorted(folder.iterdir()):
         if child.name.startswith("."):
             continue
-        if _is_checkpoint_file(child) or is_model_folder(child):
-            found.append(child)
+        entry = _checkpoint(child)
+        if entry is not None:
+            found.append(entry)
     return found
 
 
@@ -151,7 +176,7 @@ def discover(arguments: Sequence[str | Path], *, order: str = "natural") -> list
         path = Path(text)
         if not path.exists() and glob.has_magic(text):
             matches = [Path(match) for match in sorted(glob.glob(text))]
-            chosen = [m for m in matches if _is_checkpoint_file(m) or is_model_folder(m)]
+            chosen = [entry for m in matches if (entry := _checkpoint(m)) is not None]
             if not chosen:
                 raise SweepError(f"{text}: matches no checkpoint")
             paths.extend(chosen)
