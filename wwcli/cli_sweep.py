@@ -304,8 +304,9 @@ def sweep(
     paths: Annotated[
         list[str],
         typer.Argument(
-            help="A run folder (its checkpoint files, and sub-folders that are model folders, "
-            "one checkpoint each), globs (quote them: 'run/ckpt-*.pt'), or checkpoints.",
+            help="A run folder (its checkpoint files, and sub-folders: a model folder, or a "
+            "folder holding one checkpoint file, is one checkpoint), globs (quote them: "
+            "'run/ckpt-*.pt'), or checkpoints.",
             show_default=False,
             metavar="DIR|GLOB...",
         ),
