@@ -13,16 +13,17 @@ import io
 import json
 import struct
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.hostile.fuzzing import fuzz_settings, read_everything
 from tests.hostile.make_corpus import safetensors_bytes, valid_safetensors
 from wwcli.loaders import LoaderError, open_checkpoint
 
@@ -46,32 +47,6 @@ def short_hdf5_deadline() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
-
-
-def _fuzz_settings(examples: int, *, slow: bool = False) -> Callable[[Any], Any]:
-    return settings(
-        max_examples=examples * 10 if slow else examples,
-        deadline=None,
-        derandomize=not slow,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-
-
-def read_everything(path: Path) -> None:
-    """What `wwcli analyze` asks of a loader; only LoaderError (one line, naming the file) may
-    come out."""
-    try:
-        with open_checkpoint(path) as checkpoint:
-            for spec in checkpoint.layers():
-                if spec.analyzable:
-                    for matrix in checkpoint.matrices(spec):
-                        assert matrix.ndim == 2
-                        assert sorted(matrix.shape) == sorted((spec.M, spec.N))
-    except LoaderError as error:
-        message = str(error)
-        assert message and "\n" not in message, message
-        assert str(path) in message, message
 
 
 # --- Mutating JSON --------------------------------------------------------------------------------
@@ -244,27 +219,27 @@ def check_safetensors_bytes(workdir: Path, data: st.DataObject) -> None:
 
 
 @given(data=st.data())
-@_fuzz_settings(700)
+@fuzz_settings(700)
 def test_mutated_safetensors_headers(workdir: Path, data: st.DataObject) -> None:
     check_safetensors_header(workdir, data)
 
 
 @given(data=st.data())
-@_fuzz_settings(400)
+@fuzz_settings(400)
 def test_mutated_safetensors_bytes(workdir: Path, data: st.DataObject) -> None:
     check_safetensors_bytes(workdir, data)
 
 
 @pytest.mark.slow
 @given(data=st.data())
-@_fuzz_settings(700, slow=True)
+@fuzz_settings(700, slow=True)
 def test_mutated_safetensors_headers_slow(workdir: Path, data: st.DataObject) -> None:
     check_safetensors_header(workdir, data)
 
 
 @pytest.mark.slow
 @given(data=st.data())
-@_fuzz_settings(400, slow=True)
+@fuzz_settings(400, slow=True)
 def test_mutated_safetensors_bytes_slow(workdir: Path, data: st.DataObject) -> None:
     check_safetensors_bytes(workdir, data)
 
@@ -311,27 +286,27 @@ def check_legacy_config(workdir: Path, data: st.DataObject) -> None:
 
 
 @given(data=st.data())
-@_fuzz_settings(500)
+@fuzz_settings(500)
 def test_mutated_keras_configs(workdir: Path, data: st.DataObject) -> None:
     check_keras_config(workdir, data)
 
 
 @given(data=st.data())
-@_fuzz_settings(150)
+@fuzz_settings(150)
 def test_mutated_legacy_h5_configs(workdir: Path, data: st.DataObject) -> None:
     check_legacy_config(workdir, data)
 
 
 @pytest.mark.slow
 @given(data=st.data())
-@_fuzz_settings(500, slow=True)
+@fuzz_settings(500, slow=True)
 def test_mutated_keras_configs_slow(workdir: Path, data: st.DataObject) -> None:
     check_keras_config(workdir, data)
 
 
 @pytest.mark.slow
 @given(data=st.data())
-@_fuzz_settings(150, slow=True)
+@fuzz_settings(150, slow=True)
 def test_mutated_legacy_h5_configs_slow(workdir: Path, data: st.DataObject) -> None:
     check_legacy_config(workdir, data)
 
@@ -391,27 +366,27 @@ def check_hdf5_bytes(workdir: Path, data: st.DataObject) -> None:
 
 
 @given(data=st.data())
-@_fuzz_settings(300)
+@fuzz_settings(300)
 def test_mutated_zip_bytes(workdir: Path, data: st.DataObject) -> None:
     check_zip_bytes(workdir, data)
 
 
 @given(data=st.data())
-@_fuzz_settings(250)
+@fuzz_settings(250)
 def test_mutated_hdf5_metadata(workdir: Path, data: st.DataObject) -> None:
     check_hdf5_bytes(workdir, data)
 
 
 @pytest.mark.slow
 @given(data=st.data())
-@_fuzz_settings(300, slow=True)
+@fuzz_settings(300, slow=True)
 def test_mutated_zip_bytes_slow(workdir: Path, data: st.DataObject) -> None:
     check_zip_bytes(workdir, data)
 
 
 @pytest.mark.slow
 @given(data=st.data())
-@_fuzz_settings(250, slow=True)
+@fuzz_settings(250, slow=True)
 def test_mutated_hdf5_metadata_slow(workdir: Path, data: st.DataObject) -> None:
     check_hdf5_bytes(workdir, data)
 
@@ -560,13 +535,13 @@ def check_hdf5_creation_properties(workdir: Path, data: st.DataObject) -> None:
 
 
 @given(data=st.data())
-@_fuzz_settings(200)
+@fuzz_settings(200)
 def test_hdf5_creation_properties_and_links(workdir: Path, data: st.DataObject) -> None:
     check_hdf5_creation_properties(workdir, data)
 
 
 @pytest.mark.slow
 @given(data=st.data())
-@_fuzz_settings(200, slow=True)
+@fuzz_settings(200, slow=True)
 def test_hdf5_creation_properties_and_links_slow(workdir: Path, data: st.DataObject) -> None:
     check_hdf5_creation_properties(workdir, data)

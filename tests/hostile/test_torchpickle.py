@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.hostile.corpus_torch import (
@@ -35,22 +35,13 @@ from tests.hostile.corpus_torch import (
     torch_zip,
     torchscript_zip,
 )
+from tests.hostile.fuzzing import fuzz_settings, read_everything
 from wwcli.loaders import LoaderError, open_checkpoint
 from wwcli.loaders import _torchpickle as unpickler
 from wwcli.loaders.torch import open_torch
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "torch"
 MARKER_NAME = "payload-ran"
-
-
-def _fuzz_settings(examples: int, *, slow: bool = False) -> Callable[[Any], Any]:
-    return settings(
-        max_examples=examples * 10 if slow else examples,
-        deadline=None,
-        derandomize=not slow,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -246,27 +237,13 @@ def _mutate(data: st.DataObject, raw: bytes) -> bytes:
     return bytes(mutated)
 
 
-def _read_everything(path: Path) -> None:
-    """What `wwcli analyze` asks of the loader; only a one-line LoaderError may come out."""
-    try:
-        with open_checkpoint(path) as checkpoint:
-            for spec in checkpoint.layers():
-                if spec.analyzable:
-                    for matrix in checkpoint.matrices(spec):
-                        assert matrix.ndim == 2
-    except LoaderError as error:
-        message = str(error)
-        assert message and "\n" not in message, message
-        assert str(path) in message, message
-
-
 def check_mutated_pickle(workdir: Path, data: st.DataObject) -> None:
     name = data.draw(st.sampled_from(sorted(SEEDS)), label="seed")
     container, raw, pickled = SEEDS[name]
     mutated = _mutate(data, pickled)
     path = workdir / f"fuzzed_{name}"
     path.write_bytes(mutated if container == "legacy" else _replace_data_pkl(raw, mutated))
-    _read_everything(path)
+    read_everything(path)
     assert not (workdir / MARKER_NAME).exists()
 
 
@@ -353,32 +330,32 @@ def check_opcode_stream(workdir: Path, data: st.DataObject) -> None:
         tensor_bytes = {"0": bytes(48)}
         writer = torchscript_zip if script else torch_zip
         path.write_bytes(writer(body, tensor_bytes))
-        _read_everything(path)
+        read_everything(path)
     assert not (workdir / MARKER_NAME).exists()
 
 
 @given(data=st.data())
-@_fuzz_settings(700)
+@fuzz_settings(700)
 def test_mutated_pickles(workdir: Path, data: st.DataObject) -> None:
     check_mutated_pickle(workdir, data)
 
 
 @given(data=st.data())
-@_fuzz_settings(1300)
+@fuzz_settings(1300)
 def test_generated_opcode_streams(workdir: Path, data: st.DataObject) -> None:
     check_opcode_stream(workdir, data)
 
 
 @pytest.mark.slow
 @given(data=st.data())
-@_fuzz_settings(900, slow=True)
+@fuzz_settings(900, slow=True)
 def test_mutated_pickles_slow(workdir: Path, data: st.DataObject) -> None:
     check_mutated_pickle(workdir, data)
 
 
 @pytest.mark.slow
 @given(data=st.data())
-@_fuzz_settings(1200, slow=True)
+@fuzz_settings(1200, slow=True)
 def test_generated_opcode_streams_slow(workdir: Path, data: st.DataObject) -> None:
     check_opcode_stream(workdir, data)
 
