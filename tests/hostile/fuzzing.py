@@ -1,5 +1,5 @@
-"""What the fuzz tests share: hypothesis settings sized for CI and `-m slow`, and the check that
-only a one-line LoaderError naming the file comes out of a loader."""
+"""What the hostile-input tests share: hypothesis settings sized for CI and `-m slow`, the check
+that only a one-line LoaderError naming the file comes out of a loader, and pickle payloads."""
 
 from __future__ import annotations
 
@@ -37,3 +37,13 @@ def read_everything(path: Path) -> None:
         message = str(error)
         assert message and "\n" not in message, message
         assert str(path) in message, message
+
+
+class Reduces:
+    """Pickles as whatever `__reduce__` value it is given: unpickling calls that callable."""
+
+    def __init__(self, reduced: tuple[Any, ...]) -> None:
+        self.reduced = reduced
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self.reduced

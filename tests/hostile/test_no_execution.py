@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from tests.hostile.fuzzing import Reduces
 from wwcli.cli import app
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -33,16 +34,6 @@ SEED_H5 = FIXTURES / "keras" / "seed_mlp.h5"
 EVIL_MODULE = "wwcli_evil_module"
 
 runner = CliRunner()
-
-
-class Reduces:
-    """Pickles as whatever `__reduce__` value it is given: unpickling calls that callable."""
-
-    def __init__(self, reduced: tuple[Any, ...]) -> None:
-        self.reduced = reduced
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return self.reduced
 
 
 def _payloads(marker: Path) -> dict[str, object]:

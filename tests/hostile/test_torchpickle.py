@@ -35,7 +35,7 @@ from tests.hostile.corpus_torch import (
     torch_zip,
     torchscript_zip,
 )
-from tests.hostile.fuzzing import fuzz_settings, read_everything
+from tests.hostile.fuzzing import Reduces, fuzz_settings, read_everything
 from wwcli.loaders import LoaderError, open_checkpoint
 from wwcli.loaders import _torchpickle as unpickler
 from wwcli.loaders.torch import open_torch
@@ -47,16 +47,6 @@ MARKER_NAME = "payload-ran"
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("torchpickle")
-
-
-class Reduces:
-    """Pickles as whatever `__reduce__` value it is given: unpickling calls that callable."""
-
-    def __init__(self, reduced: tuple[Any, ...]) -> None:
-        self.reduced = reduced
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return self.reduced
 
 
 def _payloads(marker: Path) -> dict[str, object]:
