@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from wwcli.loaders._statedict import WEIGHT_SUFFIX
+from wwcli.loaders._statedict import WEIGHT_SUFFIX, matrices_of_tensor
 from wwcli.loaders.interface import (
     Checkpoint,
     LayerSpec,
@@ -410,15 +410,7 @@ def _matrices(tensor: np.ndarray, initializer: _Initializer) -> list[np.ndarray]
             for direction in tensor
             for block in np.split(direction, gates, axis=0)
         ]
-    if tensor.ndim == 3:
-        return [np.ascontiguousarray(tensor[:, :, i]) for i in range(tensor.shape[2])]
-    if tensor.ndim == 4:
-        return [
-            np.ascontiguousarray(tensor[:, :, i, j])
-            for i in range(tensor.shape[2])
-            for j in range(tensor.shape[3])
-        ]
-    raise LoaderError(f"{spec.name}: a {tensor.ndim}-D tensor has no matrices")
+    return matrices_of_tensor(tensor, spec)  # Conv kernels: (out, in, k...) as PyTorch's
 
 
 # --- External data: our own bounded reading ------------------------------------------------------

@@ -264,23 +264,26 @@ def _load_without_torch(path: Path, container: str) -> object:
     try:
         file = read_zip(path) if container == "zip" else read_legacy(path)
     except RefusedPickleError as refused:
-        detail = refused.name
-        if detail is None:
-            globals_named = pickle_globals(path, container)
-            if globals_named is None:
-                raise LoaderError(
-                    f"{path}: not a readable PyTorch checkpoint (damaged pickle)"
-                ) from None
-            detail = next(
-                (_python3_name(name) for name in globals_named if not _is_torch_allowed(name)),
-                None,
-            )
-        raise LoaderError(_unsafe_message(path, detail)) from None
+        raise _refusal(path, container, refused.name) from None
     except DamagedPickleError as damaged:
         raise LoaderError(
             f"{path}: not a readable PyTorch checkpoint (damaged pickle: {damaged})"
         ) from None
     return file.loaded
+
+
+def _refusal(path: Path, container: str, detail: str | None) -> LoaderError:
+    """The error for a pickle a reader refused: it names what the file holds (`detail`, or the
+    first global of the pickle that torch's allow-list lacks), with --trust-pickle offered."""
+    if detail is None:
+        globals_named = pickle_globals(path, container)
+        if globals_named is None:
+            return LoaderError(f"{path}: not a readable PyTorch checkpoint (damaged pickle)")
+        detail = next(
+            (_python3_name(name) for name in globals_named if not _is_torch_allowed(name)),
+            None,
+        )
+    return LoaderError(_unsafe_message(path, detail))
 
 
 def _torch_load(path: Path, container: str, *, trust_pickle: bool) -> object:
@@ -299,18 +302,7 @@ def _torch_load(path: Path, container: str, *, trust_pickle: bool) -> object:
             )
     except Exception as error:
         if not trust_pickle and _is_weights_only_refusal(error):
-            detail = _refused_object(str(error))
-            if detail is None:
-                globals_named = pickle_globals(path, container)
-                if globals_named is None:
-                    raise LoaderError(
-                        f"{path}: not a readable PyTorch checkpoint (damaged pickle)"
-                    ) from None
-                detail = next(
-                    (_python3_name(name) for name in globals_named if not _is_torch_allowed(name)),
-                    None,
-                )
-            raise LoaderError(_unsafe_message(path, detail)) from None
+            raise _refusal(path, container, _refused_object(str(error))) from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise LoaderError(
             f"{path}: not a readable PyTorch checkpoint "
