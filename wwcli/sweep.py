@@ -273,7 +273,8 @@ class Sweep:
 
     def crossings(self, policy: GatePolicy | None = None) -> list[Crossing]:
         """The gated layers whose alpha crossed below the gate's line for their type (the
-        engine's over-trained line when the gate has none), in order of first appearance."""
+        engine's very-heavy-tailed line, alpha < 2 by default, when the gate has none), in order
+        of first appearance."""
         policy = policy or self.run.settings.gate
         fallback = self.run.settings.engine.over_trained_below
         keys = self._keys()
